@@ -1,0 +1,36 @@
+# The two commands a newcomer needs (both install whatever is missing first):
+#   make demo   - a small real run on the built-in Fashion-MNIST data, on CPU
+#   make test   - the test suite (what CI runs)
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+CMX_HOME ?= $(CURDIR)/.cmx-home
+export CMX_HOME
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup demo test test-fast lint format bench
+
+setup:
+	@bash .ci/bootstrap
+
+demo: setup
+	@bash examples/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python benchmarks/model_throughput.py
+	$(BIN)/python benchmarks/loader_throughput.py
