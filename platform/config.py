@@ -118,6 +118,7 @@ class ScheduleConfig(StrictModel):
     warmup_epochs: float = Field(0.0, ge=0.0)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final lr / peak lr")
     pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: fraction spent rising")
+    div_factor: float = Field(25.0, ge=1.0, description="onecycle: start lr = peak lr / div_factor")
     step_size: int = Field(20_000, ge=1, description="step: multiply by gamma every N steps")
     gamma: float = Field(0.1, gt=0.0)
     milestones: list[float] = Field(
@@ -156,6 +157,15 @@ class LoopConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
 
+    @model_validator(mode="after")
+    def _known_metric(self) -> LoopConfig:
+        from cmx.metrics import ALL, MODES
+
+        known = [m for m in ALL if m in MODES]
+        if self.early_stop_metric not in known:
+            raise ValueError(f"early_stop_metric must be one of {', '.join(known)}")
+        return self
+
 
 class CheckpointConfig(StrictModel):
     """Where checkpoints go and which are kept."""
@@ -168,7 +178,7 @@ class TrainConfig(StrictModel):
     """Everything `cmx train` needs; saved with every run and checkpoint."""
 
     name: str = "run"
-    output_dir: str = "runs"
+    output_dir: str | None = Field(None, description="parent of run dirs (default $CMX_HOME/runs)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -255,13 +265,30 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
+def _input_path(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The error location as keys of the input, without pydantic's union-tag entries."""
+    out: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and part not in node and out and isinstance(node.get("type"), str):
+            continue  # a discriminated-union tag such as `int` in space.model.depth.int
+        else:
+            node = None
+        out.append(part)
+    return tuple(out)
+
+
 def validate_config(cls: type[T], data: dict[str, Any], source: str) -> T:
     """Build a config object; the first error becomes one ConfigError naming source and key."""
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+        loc = _input_path(data, err["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             known = _field_names(cls, loc)

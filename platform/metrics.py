@@ -23,3 +23,10 @@ MODES = {
     EPOCH_SECONDS: "min",
     PEAK_MEMORY_MB: "min",
 }
+
+# Reported by sweep trials next to the training metrics (for multi-objective searches).
+PARAMS_M = "model/params_m"
+GFLOPS = "model/gflops"
+TRIAL_ONLY = (PARAMS_M, GFLOPS)
+MODES[PARAMS_M] = "min"
+MODES[GFLOPS] = "min"

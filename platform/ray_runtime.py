@@ -1,0 +1,107 @@
+"""Starting or joining Ray, and checking what its nodes can hold. Ray core calls live here."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmx.errors import ClusterError
+
+# Unix socket paths must stay under 107 bytes, so Ray's temp dir is kept short.
+RAY_TMP = Path(tempfile.gettempdir()) / f"cmxray-{os.getuid()}"
+# Each local Ray node would otherwise claim ~30% of RAM for its object store; trials pass only
+# small results and checkpoints through it (measured: < 50 MB per sweep here).
+OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """Resources of one alive Ray node."""
+
+    node_id: str
+    address: str
+    cpus: float
+    gpus: float
+
+
+def quiet_ray_env() -> None:
+    """Environment every Ray process of ours gets: no usage stats, deduplicated logs off."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
+    """Start an embedded local Ray (address None) or join a running cluster (`auto`, `HOST:PORT`).
+
+    The dashboard agent is needed: without it Ray cannot reclaim the CPUs of a data-parallel trial
+    that ASHA stopped, and the sweep stalls (stack notes).
+    """
+    import ray
+
+    quiet_ray_env()
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"log_to_driver": True, "logging_level": "WARNING"}
+    if address is None:
+        RAY_TMP.mkdir(parents=True, exist_ok=True)
+        kwargs.update(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            object_store_memory=OBJECT_STORE_BYTES,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _temp_dir=str(RAY_TMP),
+        )
+    else:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address!r}: {first}",
+            "start one with `ray up cluster/config.yaml` (or `ray start --head`), or drop --address to run locally",
+        ) from None
+
+
+def shutdown_ray() -> None:
+    """Disconnect (and stop the embedded instance, if we started one)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def alive_nodes() -> list[NodeCapacity]:
+    """Capacity of every alive node in the connected cluster."""
+    import ray
+
+    nodes = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        res = n.get("Resources", {})
+        nodes.append(
+            NodeCapacity(
+                node_id=n["NodeID"],
+                address=n.get("NodeManagerAddress", "?"),
+                cpus=float(res.get("CPU", 0)),
+                gpus=float(res.get("GPU", 0)),
+            )
+        )
+    return nodes
+
+
+def local_capacity() -> NodeCapacity:
+    """This machine, as an embedded Ray would see it (no Ray start)."""
+    gpus = 0.0
+    try:
+        import torch
+
+        gpus = float(torch.cuda.device_count())
+    except Exception:  # torch without CUDA support
+        gpus = 0.0
+    return NodeCapacity("local", "127.0.0.1", float(os.cpu_count() or 1), gpus)

@@ -1,0 +1,67 @@
+"""A Tune callback that shows one live line: trials running/done/stopped, and the best so far."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+
+class RichSweepProgress(tune.Callback):
+    """Live sweep progress for the terminal (Tune's own table output is turned off)."""
+
+    def __init__(self, *, total: int, metric: str, mode: str, max_epochs: int, console: Console | None = None) -> None:
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.running: set[str] = set()
+        self.done = self.stopped = self.failed = 0
+        self.best: tuple[float, str] | None = None
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]trials"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console or Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.progress.add_task("", total=total)
+        self.progress.start()
+
+    def _refresh(self) -> None:
+        best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "best —"
+        text = (f"running {len(self.running)} · done {self.done} · stopped early {self.stopped} · "
+                f"failed {self.failed} · {best}")
+        self.progress.update(self.task, description=text, completed=self.done + self.stopped + self.failed)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.add(trial.trial_id)
+        self._refresh()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and not result.get("trial/rejected") and not result.get("trial/diverged"):
+            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
+            if better:
+                self.best = (float(value), trial.trial_id)
+        self._refresh()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        epochs = int((trial.last_result or {}).get("training_iteration", 0) or 0)
+        if epochs >= self.max_epochs:
+            self.done += 1
+        else:
+            self.stopped += 1
+        self._refresh()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        self.failed += 1
+        self._refresh()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._refresh()
+        self.progress.stop()
