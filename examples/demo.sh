@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# `make demo`: export the built-in Fashion-MNIST data (once), then run a small real sweep on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+DATA=data/fashion-mnist
+if [[ ! -f $DATA/train.beton || ! -f $DATA/val.beton ]]; then
+  "$BIN/cmx" data builtin fashion-mnist "$DATA" --limit-per-class "${CMX_DEMO_PER_CLASS:-600}"
+fi
+exec "$BIN/cmx" sweep --space examples/search.yaml "$@"
