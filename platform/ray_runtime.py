@@ -31,9 +31,19 @@ def quiet_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # The legacy output engine honours RunConfig(verbose=0); cmx prints its own progress line.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune warns on every snapshot when trials checkpoint each epoch (a few seconds apart here).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    dashboard: bool = True,
+    log_to_driver: bool = False,
+) -> None:
     """Start an embedded local Ray (address None) or join a running cluster (`auto`, `HOST:PORT`).
 
     The dashboard agent is needed: without it Ray cannot reclaim the CPUs of a data-parallel trial
@@ -44,7 +54,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
     quiet_ray_env()
     if ray.is_initialized():
         return
-    kwargs: dict = {"log_to_driver": True, "logging_level": "WARNING"}
+    # Trial stdout stays in each trial's log files; errors still reach the driver's summary.
+    kwargs: dict = {"log_to_driver": log_to_driver, "logging_level": "ERROR"}
     if address is None:
         RAY_TMP.mkdir(parents=True, exist_ok=True)
         kwargs.update(

@@ -27,6 +27,7 @@ SPEC_FILE = "cmx-sweep.yaml"  # the validated spec, saved in the experiment dir
 SOURCE_FILE = "cmx-space.yaml"  # the user's file as written
 BEST_CONFIG_FILE = "best-config.yaml"
 REJECTED = "trial/rejected"
+NODE_ID = "trial/node_id"
 DIVERGED = "trial/diverged"
 # A tiny CPU share for the Tune function that only drives a TorchTrainer (0 is rejected by Ray).
 DRIVER_CPU = 0.01
@@ -117,7 +118,10 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     if rule is not None:
         tune.report({**_worst(spec), REJECTED: 1.0, metrics.EPOCH: 0})
         return
-    extra = _model_cost(cfg)
+    import ray
+
+    # Where the trial ran: shown per epoch so a retried trial's move to another node is visible.
+    extra: dict[str, Any] = {**_model_cost(cfg), NODE_ID: ray.get_runtime_context().get_node_id()}
     if spec.resources.workers == 1:
         threads = max(1, int(spec.resources.cpus))
         torch.set_num_threads(threads)
@@ -198,8 +202,11 @@ def build_searcher(spec: SweepSpec) -> Any:
         return None
     from ray.tune.search.optuna import OptunaSearch
 
+    import optuna
+
     from cmx.search_space import encode_params, make_sampler, optuna_space
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     objectives = spec.objectives()
     multi = len(objectives) > 1
     return OptunaSearch(

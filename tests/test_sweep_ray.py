@@ -1,0 +1,232 @@
+"""Real Ray Tune sweeps on tiny models and tiny real data: ASHA, resume, node loss, data-parallel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cmx.search_space import preview
+from cmx.sweep import run_sweep, sweep_status
+from cmx.sweep_config import load_sweep_spec
+
+pytestmark = pytest.mark.timeout(900)
+REPO = Path(__file__).resolve().parents[1]
+CMX = str(Path(sys.executable).parent / "cmx")
+
+
+def base_config(data: dict[str, str], *, epochs: int, backend: str = "ffcv") -> dict:
+    """A tiny, fast trial: nano ConvMixer on 28 px Fashion-MNIST."""
+    train, val = (data["train_beton"], data["val_beton"]) if backend == "ffcv" else (data["train_dir"], data["val_dir"])
+    return {
+        "data": {
+            "backend": backend,
+            "train_path": train,
+            "val_path": val,
+            "resolution": 28,
+            "val_resolution": 28,
+            "center_crop_ratio": 1.0,
+            "batch_size": 64,
+            "num_workers": 1,
+            "augment": {"scale": [0.7, 1.0]},
+        },
+        "model": {"name": "convmixer_nano"},
+        "optim": {"lr": 0.005},
+        "schedule": {"name": "constant"},
+        "loop": {"epochs": epochs, "threads": 1},
+    }
+
+
+def write_spec(tmp_path: Path, data: dict[str, str], *, name: str, epochs: int = 3, samples: int = 6,
+               backend: str = "ffcv", **sections: dict) -> Path:
+    spec = {
+        "name": name,
+        "base": base_config(data, epochs=epochs, backend=backend),
+        "space": {
+            "model.dim": {"type": "choice", "values": [8, 16]},
+            "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2},
+            "model.kernel_size": {"type": "choice", "values": [3, 5]},
+        },
+        "search": {"algorithm": "optuna-tpe", "seed": 3, "num_samples": samples},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpus": 1},
+        "storage": {"path": str(tmp_path / "sweeps")},
+        "tracking": {"enabled": False},
+    }
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def trial_rows(trial_dir: Path) -> list[dict]:
+    result = trial_dir / "result.json"
+    return [json.loads(line) for line in result.read_text().splitlines()] if result.exists() else []
+
+
+@pytest.fixture
+def ray_local():
+    """An embedded local Ray for one test, shut down afterwards."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_asha_sweep_stops_weak_trials_and_finds_best(tmp_path: Path, fmnist_tiny: dict[str, str], ray_local) -> None:
+    path = write_spec(tmp_path, fmnist_tiny, name="asha6", epochs=3, samples=6)
+    spec = load_sweep_spec(path)
+    outcome = run_sweep(spec, source_text=path.read_text())
+    assert len(outcome.trials) == 6 and not outcome.interrupted
+    statuses = [t["status"] for t in outcome.trials]
+    assert "stopped early" in statuses, statuses  # ASHA cut some trials at its first rung
+    assert "completed" in statuses, statuses
+    assert all(s in ("completed", "stopped early") for s in statuses), outcome.trials
+    best = outcome.best
+    assert best is not None and best["best"] == max(t["best"] for t in outcome.trials)
+    assert best["best"] > 15  # percent; learned something: 10 classes, chance is 10%
+    assert outcome.best_checkpoint and Path(outcome.best_checkpoint).is_dir()
+    assert any(Path(outcome.best_checkpoint).iterdir())
+    # The best config is a ready-to-run training config.
+    from cmx.config import load_train_config
+
+    cfg = load_train_config(outcome.best_config_path)
+    assert cfg.model.dim == best["params"]["model.dim"]
+    # The seed makes the sampled configs reproducible: TPE's random start-up configs match the preview.
+    sampled = [t["params"] for t in sorted(outcome.trials, key=lambda t: t["path"])]
+    first = preview(spec, 2)
+    for p in first:
+        assert any(all(_close(p[k], s[k]) for k in p) for s in sampled), (p, sampled)
+    # On-disk status agrees, without Ray.
+    status = sweep_status(outcome.path)
+    assert status["complete"] and len(status["trials"]) == 6
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-9 * max(1.0, abs(a))
+    return a == b
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_redoing_finished_trials(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+    path = write_spec(tmp_path, fmnist_tiny, name="resume", epochs=2, samples=4,
+                      scheduler={"name": "none"}, search={"max_concurrent": 1})
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    exp = tmp_path / "sweeps" / "resume"
+    proc = subprocess.Popen([CMX, "sweep", "--space", str(path)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = [d for d in exp.glob("trial_*") if any(r.get("done") for r in trial_rows(d))]
+            if len(done) >= 2:
+                break
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial finished in time")
+        time.sleep(2)  # let Tune persist its experiment state
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill the driver and the local Ray it started
+        proc.wait()
+    _stop_stray_ray()
+    finished = {d.name: len(trial_rows(d)) for d in exp.glob("trial_*") if any(r.get("done") for r in trial_rows(d))}
+    assert len(finished) >= 2
+    out = subprocess.run([CMX, "sweep", "--space", str(path)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming sweep resume" in out.stderr
+    status = sweep_status(exp)
+    assert status["complete"] and len(status["trials"]) == 4, status
+    for name, rows in finished.items():
+        assert len(trial_rows(exp / name)) == rows, f"{name} was re-run after resume"
+
+
+def _stop_stray_ray() -> None:
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_lost_node_trial_resumes_from_checkpoint_on_another(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cmx.ray_runtime import OBJECT_STORE_BYTES
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES})
+    nodes = [cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        path = write_spec(tmp_path, fmnist_tiny, name="nodeloss", epochs=6, samples=2, backend="torchvision",
+                          scheduler={"name": "none"}, resources={"cpus": 1, "max_failures": 3})
+        spec = load_sweep_spec(path)
+        exp = tmp_path / "sweeps" / "nodeloss"
+        killed: dict[str, str] = {}
+
+        def kill_a_node_mid_trial() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not killed:
+                for d in exp.glob("trial_*"):
+                    rows = trial_rows(d)
+                    if len(rows) >= 2 and not rows[-1].get("done"):
+                        victim = next(n for n in nodes if n.unique_id == rows[-1]["trial/node_id"])
+                        killed.update(trial=d.name, node=victim.unique_id, epoch=str(rows[-1]["epoch"]))
+                        cluster.remove_node(victim)
+                        return
+                time.sleep(0.3)
+
+        killer = threading.Thread(target=kill_a_node_mid_trial, daemon=True)
+        killer.start()
+        outcome = run_sweep(spec, source_text=path.read_text(), address=cluster.address)
+        killer.join(timeout=5)
+        assert killed, "no trial was caught mid-run"
+        assert len(outcome.trials) == 2
+        assert all(t["status"] == "completed" for t in outcome.trials), outcome.trials
+        rows = trial_rows(exp / killed["trial"])
+        epochs = [r["epoch"] for r in rows]
+        # Resumed from the last epoch checkpoint, not from scratch: the trainer's epoch counter
+        # never went back to 1 and ended at the full budget.
+        assert epochs.count(1) == 1 and epochs[-1] == 6, epochs
+        node_ids = {r["trial/node_id"] for r in rows}
+        assert len(node_ids) == 2, "the trial should have moved to the surviving node"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+    import ray
+
+    from cmx.ray_runtime import OBJECT_STORE_BYTES, RAY_TMP
+
+    # 2 workers x 1 CPU plus the trial driver's 0.01 CPU: three logical CPUs on this 2-core box.
+    ray.init(address="local", num_cpus=3, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True,
+             dashboard_host="127.0.0.1", _temp_dir=str(RAY_TMP), log_to_driver=False)
+    try:
+        path = write_spec(tmp_path, fmnist_tiny, name="dp", epochs=3, samples=3, backend="torchvision",
+                          resources={"workers": 2, "cpus_per_worker": 1},
+                          scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3})
+        spec = load_sweep_spec(path)
+        outcome = run_sweep(spec, source_text=path.read_text())
+        statuses = [t["status"] for t in outcome.trials]
+        assert len(statuses) == 3 and "failed" not in statuses, outcome.trials
+        assert "stopped early" in statuses, statuses
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"] - 1e-6:
+                break
+            time.sleep(1)
+        assert ray.available_resources().get("CPU", 0) >= 3 - 1e-6, "CPUs leaked by stopped trials"
+    finally:
+        ray.shutdown()
