@@ -169,6 +169,7 @@ class ResourcesConfig(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     max_failures: int = Field(2, ge=0, description="retries of a failed trial, from its checkpoint")
+    reuse_actors: bool = Field(True, description="run successive trials in the same Ray actor")
 
 
 class StorageConfig(StrictModel):

@@ -17,24 +17,40 @@ class RichSweepProgress(tune.Callback):
         self.running: set[str] = set()
         self.done = self.stopped = self.failed = 0
         self.best: tuple[float, str] | None = None
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]trials"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console or Console(stderr=True),
-            transient=False,
-        )
-        self.task = self.progress.add_task("", total=total)
-        self.progress.start()
+        self.total = total
+        self.console = console
+        self.progress: Progress | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles RunConfig (callbacks included) into the experiment dir; a live display
+        # holds locks and a terminal, so it is rebuilt on first use instead.
+        state = dict(self.__dict__)
+        state.update(progress=None, console=None)
+        return state
+
+    def setup(self, **info: Any) -> None:
+        self._live()
+
+    def _live(self) -> Progress:
+        if self.progress is None:
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]trials"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=self.console or Console(stderr=True),
+            )
+            self.task = self.progress.add_task("", total=self.total)
+            self.progress.start()
+        return self.progress
 
     def _refresh(self) -> None:
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "best —"
         text = (f"running {len(self.running)} · done {self.done} · stopped early {self.stopped} · "
                 f"failed {self.failed} · {best}")
-        self.progress.update(self.task, description=text, completed=self.done + self.stopped + self.failed)
+        self._live().update(self.task, description=text, completed=self.done + self.stopped + self.failed)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.add(trial.trial_id)
@@ -64,4 +80,4 @@ class RichSweepProgress(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._refresh()
-        self.progress.stop()
+        self._live().stop()

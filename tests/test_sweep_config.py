@@ -136,3 +136,11 @@ def test_resource_plan_counts_trials_that_fit(tmp_path: Path) -> None:
     dp = load_sweep_spec(write(tmp_path, with_("resources", {"workers": 2, "cpus_per_worker": 2}), "dp.yaml"))
     plan = plan_resources(dp, nodes)
     assert plan.trial_bundle == {"CPU": 0.01} and plan.worker_bundle == {"CPU": 2.0} and plan.concurrent == 1
+
+
+@pytest.mark.parametrize("name", ["search.yaml", "imagenet-search.yaml"])
+def test_shipped_examples_validate(name: str) -> None:
+    spec = load_sweep_spec(Path(__file__).resolve().parents[1] / "examples" / name)
+    assert spec.space and spec.search.num_samples >= 8
+    first = preview(spec, 3)
+    assert first[0] == spec.search.points_to_evaluate[0]

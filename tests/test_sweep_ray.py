@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -138,7 +139,8 @@ def test_killed_driver_resumes_without_redoing_finished_trials(tmp_path: Path, f
             pytest.fail("no trial finished in time")
         time.sleep(2)  # let Tune persist its experiment state
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # kill the driver and the local Ray it started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # kill the driver and the local Ray it started
         proc.wait()
     _stop_stray_ray()
     finished = {d.name: len(trial_rows(d)) for d in exp.glob("trial_*") if any(r.get("done") for r in trial_rows(d))}
@@ -230,3 +232,28 @@ def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny:
         assert ray.available_resources().get("CPU", 0) >= 3 - 1e-6, "CPUs leaked by stopped trials"
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_says_how_to_resume_and_resume_finishes(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+    path = write_spec(tmp_path, fmnist_tiny, name="ctrlc", epochs=2, samples=3, backend="torchvision",
+                      scheduler={"name": "none"}, search={"max_concurrent": 1})
+    exp = tmp_path / "sweeps" / "ctrlc"
+    proc = subprocess.Popen([CMX, "sweep", "--space", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(trial_rows(d) for d in exp.glob("trial_*")):
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "cmx sweep --resume ctrlc" in err
+    listed = subprocess.run([CMX, "sweep", "list", "--storage", str(tmp_path / "sweeps")], capture_output=True,
+                            text=True, timeout=60)
+    assert listed.returncode == 0 and "ctrlc" in listed.stdout and "incomplete" in listed.stdout
+    resumed = subprocess.run([CMX, "sweep", "--resume", "ctrlc", "--storage", str(tmp_path / "sweeps")],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    status = subprocess.run([CMX, "sweep", "status", "ctrlc", "--storage", str(tmp_path / "sweeps")],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "complete" in status.stdout and "completed 3" in status.stdout, status.stdout
