@@ -44,6 +44,17 @@ class ProgressiveResize(StrictModel):
             raise ValueError("end_epoch must be >= start_epoch")
         return self
 
+    def resolution_at(self, epoch: int) -> int:
+        """FFCV ImageNet's `get_resolution`: linear ramp rounded to `step`, kept within the two ends."""
+        if epoch <= self.start_epoch:
+            return self.start_res
+        if epoch >= self.end_epoch:
+            return self.end_res
+        frac = (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch)
+        res = int(round((self.start_res + frac * (self.end_res - self.start_res)) / self.step)) * self.step
+        lo, hi = sorted((self.start_res, self.end_res))
+        return min(max(res, lo), hi)
+
 
 class AugmentConfig(StrictModel):
     """Train-time augmentation applied by either loader backend."""
@@ -78,7 +89,19 @@ class DataConfig(StrictModel):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    limit: int | None = Field(None, ge=1, description="use only the first N samples (quick runs)")
+    limit: int | None = Field(None, ge=1, description="use N evenly spaced samples (quick runs)")
+
+    @model_validator(mode="after")
+    def _feasible(self) -> DataConfig:
+        if self.backend == "ffcv" and self.augment.randaugment:
+            # RandAugment is PIL/tensor code: inside an FFCV CPU pipeline it would sit between
+            # compiled ops, the order FFCV 1.0.2 spins forever on (stack notes).
+            raise ValueError("augment.randaugment needs backend torchvision (FFCV has no RandAugment)")
+        return self
+
+    def train_resolution(self, epoch: int) -> int:
+        """Train crop size at a 0-based epoch: the progressive schedule, else `resolution`."""
+        return self.progressive.resolution_at(epoch) if self.progressive else self.resolution
 
 
 class ModelConfig(StrictModel):

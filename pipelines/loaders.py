@@ -1,0 +1,746 @@
+"""Train / validation loaders from a `DataConfig`, for FFCV or torchvision, interchangeable.
+
+Both yield `(images, labels)`: images float32 (N, 3, H, W) in channels_last memory, normalized
+with `cfg.mean`/`cfg.std`, on `device`; labels contiguous int64 (N,) on `device`. Both crop the
+same way (FFCV's crop geometry, area resampling when shrinking), flip, and normalize alike.
+
+FFCV 1.0.2 traps handled here (stack notes, FFCV section):
+- a compiled op after a plain op loops forever inside `Loader()`: on CPU `NormalizeImage` runs
+  before `ToTensor`; `check_pipeline_order` rejects any other order before FFCV sees it;
+- `import ffcv`, every `Loader()` and every epoch call `torch.set_num_threads`: we restore it;
+- FFCV's epoch thread dies silently on an exception and the consumer waits forever; breaking out
+  of an epoch leaks that thread: `_GuardedEpochIterator` reports errors and always stops it;
+- batches live in 5 reused buffers: labels are always copied, images with `clone=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import math
+import queue
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from cmx.config import DataConfig
+from cmx.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+Split = Literal["train", "val"]
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What `build_loader` returns, for either backend."""
+
+    num_samples: int  # samples in the dataset (all ranks)
+    class_names: list[str]
+    num_classes: int
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __len__(self) -> int: ...  # batches per epoch on this rank
+    def set_epoch(self, epoch: int) -> None: ...  # 0-based: resolution and shuffling
+    def resolution(self, epoch: int) -> int: ...
+
+
+# --------------------------------------------------------------------------- FFCV side effects
+
+
+@contextlib.contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Undo any `torch.set_num_threads` done inside (ffcv sets it to its worker count)."""
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def ffcv_imported() -> Iterator[Any]:
+    """`import ffcv` (4.4 s here) without its side effect: it sets torch to 1 thread on import."""
+    with keep_torch_threads():
+        try:
+            yield importlib.import_module("ffcv")
+        except ImportError as e:
+            raise DataError(
+                f"FFCV is not importable ({e})",
+                "run `make setup` (or use data.backend=torchvision)",
+            ) from None
+
+
+def check_pipeline_order(path: str | Path, pipelines: dict[str, list[Any]]) -> None:
+    """Reject a compiled FFCV op after a plain one, before FFCV sees the pipeline.
+
+    FFCV 1.0.2's `Graph.group_operations` never empties its `next_front` set, so a pipeline that
+    needs a third stage (compiled -> plain -> compiled, e.g. NormalizeImage after ToTorchImage on
+    CPU) loops forever inside `Loader()` itself. We compute each op's compiled/plain state with
+    FFCV's own `collect_requirements` (which does not loop) and refuse such orders.
+    """
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.pipeline.graph import Graph
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    # PipelineSpec pops the decoder off the list it is given: hand it copies.
+    specs = {
+        name: PipelineSpec(name, decoder=None, transforms=list(ops))
+        for name, ops in pipelines.items()
+    }
+    f_ix = {name: i for i, name in enumerate(reader.handlers)}
+    graph = Graph(specs, reader.handlers, f_ix, reader.metadata, None)
+    graph.collect_requirements()  # sets each TransformNode's `jitted` from its declared state
+    for output, leaf in graph.leaf_nodes.items():
+        chain, node = [], leaf
+        while node is not None:
+            chain.append(node)
+            node = node.parent
+        seen_plain = None
+        for node in reversed(chain):
+            op = getattr(node, "operation", None) or getattr(node, "decoder", None)
+            if node.is_jitted is False and seen_plain is None:
+                seen_plain = type(op).__name__
+            elif node.is_jitted and seen_plain is not None:
+                raise ConfigError(
+                    f"FFCV pipeline {output!r}: compiled {type(op).__name__} after plain {seen_plain}; "
+                    "FFCV 1.0.2 loops forever on this",
+                    "on CPU put NormalizeImage before ToTensor (only after ToDevice(cuda) may it follow)",
+                )
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _auto_distributed(distributed: bool | None) -> tuple[bool, int, int]:
+    """(distributed, rank, world_size); None means: on iff a process group with >1 rank exists."""
+    import torch.distributed as dist
+
+    ready = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if ready else 1
+    if distributed is None:
+        distributed = ready and world > 1
+    if distributed and not ready:
+        raise ConfigError(
+            "distributed=True but torch.distributed has no process group",
+            "call torch.distributed.init_process_group first (gloo works on CPU)",
+        )
+    return bool(distributed), (dist.get_rank() if distributed else 0), (world if distributed else 1)
+
+
+def subset_indices(n: int, limit: int | None) -> np.ndarray:
+    """`limit` evenly spaced sample indices (every class of a class-sorted dataset appears)."""
+    from cmx.pipelines.beton import evenly_spaced
+
+    return evenly_spaced(n, limit)
+
+
+def random_erase_(
+    images: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Per-image random erasing in place (torchvision's boxes, value 0 = the mean colour)."""
+    import torch
+
+    if p <= 0:
+        return images
+    n, _, h, w = images.shape
+    area = h * w
+    log_ratio = (math.log(0.3), math.log(1 / 0.3))
+    apply = torch.rand(n, generator=generator) < p
+    for i in torch.nonzero(apply).flatten().tolist():
+        for _ in range(10):
+            erase_area = area * float(torch.empty(1).uniform_(0.02, 0.33, generator=generator))
+            ratio = math.exp(float(torch.empty(1).uniform_(*log_ratio, generator=generator)))
+            eh, ew = (
+                int(round(math.sqrt(erase_area * ratio))),
+                int(round(math.sqrt(erase_area / ratio))),
+            )
+            if eh < h and ew < w:
+                top = int(torch.randint(0, h - eh + 1, (1,), generator=generator))
+                left = int(torch.randint(0, w - ew + 1, (1,), generator=generator))
+                images[i, :, top : top + eh, left : left + ew] = 0
+                break
+    return images
+
+
+class _Base:
+    """Config, split, device and epoch bookkeeping common to both backends."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        split: Split,
+        device: torch.device,
+        seed: int,
+        distributed: bool,
+        rank: int,
+        world: int,
+        clone: bool,
+    ) -> None:
+        self.cfg, self.split, self.device, self.seed = cfg, split, device, seed
+        self.distributed, self.rank, self.world_size, self.clone = distributed, rank, world, clone
+        self.train = split == "train"
+        self.batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
+        self.drop_last = cfg.drop_last if self.train else False
+        self._epoch = 0
+        self._epoch_set = False
+        self.in_chans = 3
+        self.class_names: list[str] = []
+        self.num_classes = 0
+        self.num_samples = 0
+
+    def resolution(self, epoch: int) -> int:
+        """Crop size at `epoch`: the progressive schedule for training, fixed for validation."""
+        return self.cfg.train_resolution(epoch) if self.train else self.cfg.val_resolution
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (0-based): resolution and shuffling follow it."""
+        if epoch < 0:
+            raise ConfigError(f"set_epoch({epoch}): epochs are 0-based")
+        self._epoch, self._epoch_set = epoch, True
+
+    def _finish_epoch(self) -> None:
+        # Without set_epoch calls, consecutive iterations are consecutive epochs (as FFCV does).
+        if not self._epoch_set:
+            self._epoch += 1
+        self._epoch_set = False
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _augment_batch(self, images: torch.Tensor) -> torch.Tensor:
+        if self.train and self.cfg.augment.random_erasing > 0:
+            random_erase_(images, self.cfg.augment.random_erasing)
+        return images
+
+
+# --------------------------------------------------------------------------- FFCV backend
+
+_FAILED = object()
+# The first batch of a new Loader JIT-compiles for 6-12 s on a 2-core CPU; ten times a slow one.
+BATCH_TIMEOUT_S = 300.0
+
+
+def _guarded_epoch_iterator_class() -> type:
+    from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
+
+    class GuardedEpochIterator(EpochIterator):
+        """FFCV's epoch thread with errors reported, no torch thread changes, and a clean stop."""
+
+        error: BaseException | None = None
+
+        def _put(self, item: Any) -> bool:
+            while not self.terminate_event.is_set():
+                try:
+                    self.output_queue.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def run(self) -> None:
+            import numba
+
+            events: list[Any] = [None] * len(self.cuda_streams)
+            slots = self.loader.batches_ahead + 2
+            try:
+                # FFCV calls Compiler.set_num_threads here, which also sets torch's thread count.
+                numba.set_num_threads(
+                    max(1, min(self.loader.num_workers, numba.config.NUMBA_NUM_THREADS))
+                )
+                for b_ix, ixes in enumerate(self.iter_ixes):
+                    slot = self.current_batch_slot
+                    self.current_batch_slot = (slot + 1) % slots
+                    result = self.run_pipeline(b_ix, ixes, slot, events[slot])
+                    if not self._put((slot, result)):
+                        return
+                    if IS_CUDA:  # same bookkeeping as FFCV: keep a slot until its batch is consumed
+                        import torch
+
+                        event = torch.cuda.Event()
+                        event.record(self.current_stream)
+                        events[(slot - self.loader.batches_ahead - 1) % slots] = event
+                self._put(None)
+            except BaseException as e:  # reported to the consumer instead of dying silently
+                self.error = e
+                self._put(_FAILED)
+
+        def next_batch(self, fname: str) -> tuple[Any, ...] | None:
+            waited_since = time.monotonic()
+            while True:
+                try:
+                    item = self.output_queue.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self.is_alive() and self.output_queue.empty():
+                        raise DataError(
+                            f"{fname}: FFCV loader thread stopped", "re-run; report if it repeats"
+                        ) from None
+                    if time.monotonic() - waited_since > BATCH_TIMEOUT_S:
+                        # e.g. FFCV's page reader blocks forever on a failed read of the file
+                        raise DataError(
+                            f"{fname}: no batch from FFCV for {BATCH_TIMEOUT_S:.0f} s",
+                            "check the file's storage (`cmx data verify`)",
+                        ) from None
+            if item is None:
+                return None
+            if item is _FAILED:
+                err = self.error
+                raise DataError(
+                    f"{fname}: decoding failed ({type(err).__name__}: {err})",
+                    "run `cmx data verify` on the file",
+                ) from err
+            slot, result = item
+            if IS_CUDA:
+                self.current_stream.wait_stream(self.cuda_streams[slot])
+            return result
+
+        def shutdown(self, timeout: float = 30.0) -> None:
+            self.terminate_event.set()
+            deadline = time.monotonic() + timeout
+            while self.is_alive() and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        self.output_queue.get_nowait()
+                self.join(0.05)
+            if self.is_alive():
+                log.warning("FFCV epoch thread did not stop within %.0f s", timeout)
+                return  # its buffers stay mapped: freeing them under a running thread would crash
+            if not self.closed:
+                self.closed = True
+                self.memory_context.__exit__(None, None, None)
+
+        def close(self) -> None:  # FFCV's close frees buffers even while the thread runs
+            self.shutdown()
+
+    return GuardedEpochIterator
+
+
+def _cupy_available() -> bool:
+    try:
+        importlib.import_module("cupy")
+        importlib.import_module("pytorch_pfn_extras")
+    except ImportError:
+        return False
+    return True
+
+
+class FFCVLoader(_Base):
+    """An FFCV `Loader` over a `.beton` written by `cmx data convert` (fields image, label)."""
+
+    def __init__(self, path: Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        import torch
+        from cmx.pipelines.beton import dataset_info, read_beton
+
+        cfg = self.cfg
+        self.path = path
+        bf = read_beton(path)  # a truncated or foreign file fails here, before FFCV touches it
+        if bf.fields.get("image") != "rgb_image" or bf.fields.get("label") != "int":
+            raise DataError(
+                f"{path}: expected fields image (RGB) and label (int), found {bf.fields}",
+                "write it with `cmx data convert`",
+            )
+        info = dataset_info(path)
+        self.class_names, self.num_classes = info.class_names, info.num_classes
+        all_indices = subset_indices(bf.num_samples, cfg.limit)
+        self.num_samples = int(all_indices.size)
+        order_name = cfg.order if self.train else "sequential"
+        if self.distributed and order_name == "quasi_random":
+            log.info("quasi_random order is not distributed in FFCV 1.0.2; using random")
+            order_name = "random"
+        ffcv_distributed = self.distributed and self.train
+        indices = all_indices
+        if self.distributed and not self.train:
+            # Validation shards are disjoint and cover every sample once (FFCV's distributed mode
+            # pads like DistributedSampler, counting some samples twice).
+            indices = all_indices[self.rank :: self.world_size]
+        if indices.size == 0:
+            raise DataError(
+                f"{path}: no samples for rank {self.rank}", "use fewer processes or more data"
+            )
+        res = self.resolution(self._epoch)
+        mean = np.array(cfg.mean) * 255
+        std = np.array(cfg.std) * 255
+        on_gpu = self.device.type == "cuda"
+        self._normalize_in_torch = on_gpu and not _cupy_available()
+        with ffcv_imported():
+            from ffcv.fields.basics import IntDecoder
+            from ffcv.fields.rgb_image import (
+                CenterCropRGBImageDecoder,
+                RandomResizedCropRGBImageDecoder,
+            )
+            from ffcv.loader import Loader as FFCVNative
+            from ffcv.loader import OrderOption
+            from ffcv.transforms import (
+                NormalizeImage,
+                RandomBrightness,
+                RandomContrast,
+                RandomHorizontalFlip,
+                RandomSaturation,
+                ToDevice,
+                ToTensor,
+                ToTorchImage,
+            )
+
+            if self.train:
+                aug = cfg.augment
+                self.decoder = RandomResizedCropRGBImageDecoder(
+                    (res, res), scale=tuple(aug.scale), ratio=tuple(aug.ratio)
+                )
+                image_pipeline: list[Any] = [self.decoder]
+                if aug.hflip:
+                    image_pipeline.append(RandomHorizontalFlip())
+                if aug.color_jitter > 0:  # FFCV's native jitter: no hue, like ours on torchvision
+                    c = aug.color_jitter
+                    image_pipeline += [
+                        RandomBrightness(c, p=1.0),
+                        RandomContrast(c, p=1.0),
+                        RandomSaturation(c, p=1.0),
+                    ]
+            else:
+                self.decoder = CenterCropRGBImageDecoder((res, res), ratio=cfg.center_crop_ratio)
+                image_pipeline = [self.decoder]
+            if on_gpu:
+                # The FFCV ImageNet recipe: uint8 to the GPU, then normalize there.
+                image_pipeline += [
+                    ToTensor(),
+                    ToDevice(self.device, non_blocking=True),
+                    ToTorchImage(channels_last=True),
+                ]
+                if not self._normalize_in_torch:
+                    image_pipeline.append(NormalizeImage(mean, std, np.float32))
+            else:
+                # On CPU NormalizeImage (compiled) must come before ToTensor (plain), or FFCV spins.
+                image_pipeline += [
+                    NormalizeImage(mean, std, np.float32),
+                    ToTensor(),
+                    ToTorchImage(channels_last=True),
+                ]
+            label_pipeline = [IntDecoder(), ToTensor()]
+            orders = {
+                "random": OrderOption.RANDOM,
+                "quasi_random": OrderOption.QUASI_RANDOM,
+                "sequential": OrderOption.SEQUENTIAL,
+            }
+            pipelines = {"image": image_pipeline, "label": label_pipeline}
+            check_pipeline_order(path, pipelines)
+            self._ffcv = FFCVNative(
+                str(path),
+                batch_size=self.batch_size,
+                num_workers=max(1, cfg.num_workers),
+                os_cache=cfg.os_cache,
+                order=orders[order_name],
+                distributed=ffcv_distributed,
+                seed=seed_for(self.seed),
+                indices=indices,
+                pipelines=pipelines,
+                drop_last=self.drop_last,
+                batches_ahead=cfg.batches_ahead,
+            )
+            self._iterator_cls = _guarded_epoch_iterator_class()
+        if self._normalize_in_torch:
+            self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(
+                1, 3, 1, 1
+            )
+            self._inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).view(
+                1, 3, 1, 1
+            )
+
+    def __len__(self) -> int:
+        return len(self._ffcv)
+
+    def _start_epoch(self) -> Any:
+        """FFCV's `Loader.__iter__` with our iterator and without its torch thread change."""
+        loader = self._ffcv
+        res = self.resolution(self._epoch)
+        self.decoder.output_size = (res, res)  # FFCV ImageNet's progressive resizing
+        loader.next_epoch = self._epoch
+        order = loader.next_traversal_order()
+        selected = order[: len(loader) * loader.batch_size]
+        loader.next_epoch += 1
+        if loader.code is None or loader.recompile:
+            loader.generate_code()
+        return self._iterator_cls(loader, selected)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
+        with keep_torch_threads():
+            it = self._start_epoch()
+        completed = False
+        try:
+            while True:
+                batch = it.next_batch(str(self.path))
+                if batch is None:
+                    completed = True
+                    break
+                images, labels = batch
+                # Labels: a fresh contiguous int64 (N,) tensor (FFCV's is a (N, 1) view of a reused buffer).
+                labels = (
+                    labels.reshape(-1).to(torch.int64, copy=True).to(self.device, non_blocking=True)
+                )
+                if self._normalize_in_torch:
+                    images = (
+                        images.float() - self._mean
+                    ) * self._inv_std  # new tensor, channels_last kept
+                elif self.clone:
+                    images = images.clone(memory_format=torch.channels_last)
+                yield self._augment_batch(images), labels
+        finally:
+            it.shutdown()
+            if completed:
+                self._finish_epoch()
+
+
+def seed_for(seed: int) -> int:
+    """FFCV wants a non-negative int32 seed."""
+    return int(seed) % (2**31 - 1)
+
+
+# --------------------------------------------------------------------------- torchvision backend
+
+
+def _area_resize(img: Any, box: tuple[int, int, int, int], size: int) -> Any:
+    """Crop `box` (top, left, h, w) and resize to size x size like FFCV (cv2 INTER_AREA).
+
+    INTER_AREA averages pixel areas when shrinking (PIL's BOX filter) and is bilinear when
+    enlarging; matching it keeps the two backends' pixels within JPEG noise of each other.
+    """
+    from PIL import Image
+
+    top, left, h, w = box
+    resample = Image.Resampling.BOX if (h >= size and w >= size) else Image.Resampling.BILINEAR
+    return img.resize((size, size), resample=resample, box=(left, top, left + w, top + h))
+
+
+class FFCVRandomResizedCrop:
+    """torchvision-side RandomResizedCrop with FFCV's crop sampling and resampling."""
+
+    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float]) -> None:
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+
+    def __call__(self, img: Any) -> Any:
+        from torchvision.transforms import RandomResizedCrop
+
+        # The same algorithm as ffcv.fields.rgb_image.get_random_crop (both copy torchvision's).
+        top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        return _area_resize(img, (top, left, h, w), self.size)
+
+
+class FFCVCenterCrop:
+    """torchvision-side center crop with FFCV's geometry: a square of ratio * short side, resized."""
+
+    def __init__(self, size: int, ratio: float) -> None:
+        self.size, self.ratio = size, ratio
+
+    def __call__(self, img: Any) -> Any:
+        width, height = img.size
+        c = int(self.ratio * min(height, width))
+        return _area_resize(img, ((height - c) // 2, (width - c) // 2, c, c), self.size)
+
+
+def _folder_dataset_class() -> type:
+    from cmx.pipelines.images import find_classes, load_rgb, scan_image_folder
+    from torchvision.datasets import ImageFolder
+
+    class CmxImageFolder(ImageFolder):
+        """`ImageFolder` with cmx's class list, file order and RGB conversion (as the writer)."""
+
+        def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+            classes = find_classes(directory)
+            return classes, {c: i for i, c in enumerate(classes)}
+
+        @staticmethod
+        def make_dataset(
+            directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
+        ) -> list[tuple[str, int]]:  # type: ignore[override]
+            return [(str(p), label) for p, label in scan_image_folder(directory).samples]
+
+    def build(root: Path, transform: Any) -> Any:
+        return CmxImageFolder(str(root), transform=transform, loader=load_rgb)
+
+    return build
+
+
+class _ShardSampler:
+    """Sequential, disjoint shards: rank r gets indices r, r+W, ... (every sample exactly once)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class TorchvisionLoader(_Base):
+    """`ImageFolder` + `DataLoader` with the same crops, flip and normalization as `FFCVLoader`."""
+
+    def __init__(self, path: Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        import torch
+        from torch.utils.data import Subset
+
+        cfg = self.cfg
+        if not path.is_dir():
+            hint = (
+                "torchvision reads ImageFolder directories; use data.backend=ffcv for .beton files"
+            )
+            raise DataError(f"{path}: not a directory", hint)
+        build = _folder_dataset_class()
+        self._crop_holder = _CropHolder(self._make_crop(self.resolution(self._epoch)))
+        self.dataset = build(path, self._transform())
+        self.class_names = list(self.dataset.classes)
+        self.num_classes = len(self.class_names)
+        self._indices = subset_indices(len(self.dataset), cfg.limit)
+        self.subset = Subset(self.dataset, self._indices.tolist())
+        self.num_samples = len(self.subset)
+        on_gpu = self.device.type == "cuda"
+        self._pin = on_gpu
+        self._mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self._inv_std = 1.0 / (torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255)
+        self._generator = torch.Generator()
+        self._sampler = self._make_sampler()
+        self._dataloader = self._make_dataloader()
+
+    def _make_crop(self, res: int) -> Any:
+        if self.train:
+            return FFCVRandomResizedCrop(res, self.cfg.augment.scale, self.cfg.augment.ratio)
+        return FFCVCenterCrop(res, self.cfg.center_crop_ratio)
+
+    def _transform(self) -> Any:
+        from torchvision import transforms as T
+
+        steps: list[Any] = [self._crop_holder]
+        aug = self.cfg.augment
+        if self.train:
+            if aug.hflip:
+                steps.append(T.RandomHorizontalFlip())
+            if aug.color_jitter > 0:
+                c = aug.color_jitter
+                steps.append(T.ColorJitter(brightness=c, contrast=c, saturation=c))
+            if aug.randaugment:
+                steps.append(
+                    T.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude)
+                )
+        steps.append(T.PILToTensor())  # uint8: 4x less to move between processes than float
+        return T.Compose(steps)
+
+    def _make_sampler(self) -> Any:
+        from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+
+        n = len(self.subset)
+        if self.distributed and self.train:
+            return DistributedSampler(
+                self.subset,
+                num_replicas=self.world_size,
+                rank=self.rank,
+                shuffle=self.cfg.order != "sequential",
+                seed=self.seed,
+                drop_last=False,
+            )
+        if self.distributed:
+            return _ShardSampler(n, self.rank, self.world_size)
+        if self.train and self.cfg.order != "sequential":
+            return RandomSampler(self.subset, generator=self._generator)
+        return SequentialSampler(self.subset)
+
+    def _make_dataloader(self) -> Any:
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
+            self.subset,
+            batch_size=self.batch_size,
+            sampler=self._sampler,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self._pin,
+            drop_last=self.drop_last,
+            generator=self._generator,
+            prefetch_factor=self.cfg.batches_ahead if self.cfg.num_workers > 0 else None,
+            persistent_workers=False,  # workers must see each epoch's crop size
+        )
+
+    def __len__(self) -> int:
+        return len(self._dataloader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
+        epoch = self._epoch
+        self._crop_holder.crop = self._make_crop(self.resolution(epoch))
+        self._generator.manual_seed(seed_for(self.seed) * 1000 + epoch)
+        if hasattr(self._sampler, "set_epoch"):
+            self._sampler.set_epoch(epoch)
+        for images, labels in self._dataloader:
+            images = images.to(self.device, non_blocking=self._pin).contiguous(
+                memory_format=torch.channels_last
+            )
+            images = (images.float() - self._mean) * self._inv_std
+            labels = labels.to(self.device, dtype=torch.int64, non_blocking=self._pin).contiguous()
+            yield self._augment_batch(images), labels
+        self._finish_epoch()
+
+
+class _CropHolder:
+    """The current epoch's crop; workers start each epoch with a copy (persistent_workers=False)."""
+
+    def __init__(self, crop: Any) -> None:
+        self.crop = crop
+
+    def __call__(self, img: Any) -> Any:
+        return self.crop(img)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_loader(
+    cfg: DataConfig,
+    split: Split,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    distributed: bool | None = None,
+    clone: bool = False,
+) -> Loader:
+    """The train or val loader for `cfg.backend`; `distributed=None` shards iff a process group exists.
+
+    FFCV images live in reused buffers: a batch stays valid until the next-but-one batch is
+    requested; pass `clone=True` to keep batches longer.
+    """
+    import torch
+
+    if split not in ("train", "val"):
+        raise ConfigError(f"split {split!r}: expected 'train' or 'val'")
+    raw = cfg.train_path if split == "train" else cfg.val_path
+    if not raw:
+        raise ConfigError(
+            f"data.{split}_path is not set", f"set data.{split}_path to a .beton or ImageFolder"
+        )
+    path = Path(raw).expanduser()
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    dist_on, rank, world = _auto_distributed(distributed)
+    args = (cfg, split, dev, seed, dist_on, rank, world, clone)
+    if cfg.backend == "ffcv":
+        if path.is_dir():
+            raise DataError(
+                f"{path}: is a folder, FFCV reads .beton files",
+                f"run `cmx data convert {path} {path.name}.beton`, or set data.backend=torchvision",
+            )
+        return FFCVLoader(path, *args)
+    return TorchvisionLoader(path, *args)

@@ -1,0 +1,242 @@
+"""build_loader on real `.beton` files and ImageFolders: pixels, agreement, schedule, side effects.
+
+Each new FFCV Loader JIT-compiles for seconds, so loaders are module-scoped and shared.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cmx.config import AugmentConfig, DataConfig, ProgressiveResize, validate_config
+from cmx.errors import ConfigError, DataError
+from cmx.pipelines.beton import convert_image_folder
+from cmx.pipelines.images import load_rgb_array, scan_image_folder
+from cmx.pipelines.loaders import Loader, build_loader, check_pipeline_order, ffcv_imported
+from data_fixtures import CLASSES, make_clean_folder, make_square_folder
+
+pytestmark = pytest.mark.timeout(300)
+UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # outputs are pixel / 255
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loaders")
+    square = make_square_folder(root / "square", size=24, per_class=3)
+    clean = make_clean_folder(root / "clean")
+    paths = {
+        "square": square,
+        "clean": clean,
+        "square_raw": root / "square_raw.beton",
+        "clean_jpg": root / "clean_jpg.beton",
+    }
+    convert_image_folder(
+        square,
+        paths["square_raw"],
+        write_mode="raw",
+        max_resolution=None,
+        workers=1,
+        progress=False,
+    )
+    convert_image_folder(
+        clean,
+        paths["clean_jpg"],
+        write_mode="jpg",
+        jpeg_quality=95,
+        max_resolution=None,
+        workers=1,
+        progress=False,
+    )
+    return paths
+
+
+def _all(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in loader], strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_raw_beton_decodes_to_pil_pixels(data) -> None:
+    cfg = DataConfig(
+        val_path=str(data["square_raw"]),
+        val_resolution=24,
+        center_crop_ratio=1.0,
+        val_batch_size=4,
+        **UNIT,
+    )
+    loader = build_loader(cfg, "val")
+    assert isinstance(loader, Loader)
+    assert (loader.num_samples, loader.num_classes, loader.class_names, len(loader)) == (
+        9,
+        3,
+        list(CLASSES),
+        3,
+    )
+    images, labels = _all(loader)
+    assert images.shape == (9, 3, 24, 24) and images.dtype == torch.float32
+    files = scan_image_folder(data["square"]).samples
+    assert labels.tolist() == [y for _, y in files] and labels.dtype == torch.int64
+    expected = np.stack([load_rgb_array(p) for p, _ in files])
+    got = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def val_pair(data) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The same mixed-size folder through both backends: 20 px crops of 224/256 of the short side."""
+    common = {"val_resolution": 20, "val_batch_size": 5, "num_workers": 1}
+    ffcv = build_loader(DataConfig(val_path=str(data["clean_jpg"]), **common), "val")
+    tv = build_loader(
+        DataConfig(backend="torchvision", val_path=str(data["clean"]), **common), "val"
+    )
+    return _all(ffcv), _all(tv)
+
+
+def test_ffcv_and_torchvision_validation_batches_agree(val_pair) -> None:
+    (fx, fy), (tx, ty) = val_pair
+    assert fx.shape == tx.shape == (12, 3, 20, 20)
+    assert fy.tolist() == ty.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for x in (fx, tx):
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    std = torch.tensor(DataConfig().std).view(1, 3, 1, 1)
+    diff = ((fx - tx) * std * 255).abs()  # back to 0..255 pixel units
+    # JPEG q95 re-encoding + turbo's fast DCT vs PIL: a few grey levels at most on smooth images.
+    assert diff.mean() < 2.0, diff.mean()
+    assert diff.max() < 16, diff.max()
+
+
+@pytest.fixture(scope="module")
+def progressive_loader(data):
+    cfg = DataConfig(
+        train_path=str(data["clean_jpg"]),
+        batch_size=4,
+        num_workers=1,
+        drop_last=False,
+        progressive=ProgressiveResize(start_res=16, end_res=32, start_epoch=1, end_epoch=3, step=8),
+        augment=AugmentConfig(random_erasing=0.5),
+    )
+    return build_loader(cfg, "train", seed=3)
+
+
+def test_progressive_resizing_follows_the_schedule(progressive_loader) -> None:
+    loader = progressive_loader
+    assert [loader.resolution(e) for e in range(5)] == [16, 16, 24, 32, 32]
+    seen = {}
+    for epoch in (0, 2, 4):
+        loader.set_epoch(epoch)
+        shapes = {tuple(x.shape[1:]) for x, _ in loader}
+        seen[epoch] = shapes
+    assert seen == {0: {(3, 16, 16)}, 2: {(3, 24, 24)}, 4: {(3, 32, 32)}}
+
+
+def test_training_epoch_covers_all_labels_and_shuffles(progressive_loader) -> None:
+    loader = progressive_loader
+    loader.set_epoch(0)
+    _, y0 = _all(loader)
+    loader.set_epoch(1)
+    _, y1 = _all(loader)
+    assert sorted(y0.tolist()) == sorted(y1.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    loader.set_epoch(0)
+    _, again = _all(loader)
+    assert again.tolist() == y0.tolist()  # order is a function of (seed, epoch)
+
+
+def test_torch_threads_restored_and_early_break_stops_the_thread(progressive_loader) -> None:
+    torch.set_num_threads(2)
+    before = {t.ident for t in threading.enumerate()}
+    for _ in progressive_loader:
+        assert torch.get_num_threads() == 2
+        break
+    leftover = [
+        t for t in threading.enumerate() if t.ident not in before and "Epoch" in type(t).__name__
+    ]
+    assert not leftover
+    assert torch.get_num_threads() == 2
+
+
+def test_clone_keeps_batches_valid(data) -> None:
+    cfg = DataConfig(
+        val_path=str(data["square_raw"]),
+        val_resolution=24,
+        center_crop_ratio=1.0,
+        val_batch_size=1,
+        batches_ahead=1,
+        **UNIT,
+    )
+    kept = [x for x, _ in build_loader(cfg, "val", clone=True)]
+    expected = np.stack([load_rgb_array(p) for p, _ in scan_image_folder(data["square"]).samples])
+    got = (torch.cat(kept) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_order_check_rejects_the_spinning_order(data) -> None:
+    """NormalizeImage after ToTorchImage on CPU makes FFCV 1.0.2's Loader() loop forever."""
+    with ffcv_imported():
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+        from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
+
+        bad = [
+            CenterCropRGBImageDecoder((8, 8), 1.0),
+            ToTensor(),
+            ToTorchImage(),
+            NormalizeImage(np.zeros(3), np.ones(3), np.float32),
+        ]
+        good = [
+            CenterCropRGBImageDecoder((8, 8), 1.0),
+            NormalizeImage(np.zeros(3), np.ones(3), np.float32),
+            ToTensor(),
+            ToTorchImage(),
+        ]
+        labels = [IntDecoder(), ToTensor()]
+        check_pipeline_order(data["square_raw"], {"image": good, "label": labels})
+        with pytest.raises(ConfigError, match="NormalizeImage after plain ToTensor"):
+            check_pipeline_order(
+                data["square_raw"], {"image": bad, "label": [IntDecoder(), ToTensor()]}
+            )
+
+
+def test_torchvision_train_with_strong_augmentation(data) -> None:
+    cfg = DataConfig(
+        backend="torchvision",
+        train_path=str(data["clean"]),
+        batch_size=5,
+        num_workers=1,
+        resolution=16,
+        augment=AugmentConfig(randaugment=True, color_jitter=0.4, random_erasing=1.0),
+    )
+    loader = build_loader(cfg, "train")
+    assert len(loader) == 2  # 12 samples, drop_last
+    for x, y in loader:
+        assert x.shape == (5, 3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == torch.int64 and x.dtype == torch.float32
+        assert (x == 0).any()  # random erasing (p=1) paints a box with the mean colour
+
+
+def test_grayscale_is_three_channels_and_limit_spans_classes(data) -> None:
+    cfg = DataConfig(
+        backend="torchvision", val_path=str(data["clean"]), val_resolution=8, limit=3, num_workers=0
+    )
+    loader = build_loader(cfg, "val")
+    x, y = _all(loader)
+    assert x.shape == (3, 3, 8, 8) and sorted(y.tolist()) == [0, 1, 2]
+
+
+def test_bad_loader_inputs(data, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="randaugment needs backend torchvision"):
+        validate_config(DataConfig, {"augment": {"randaugment": True}}, "test.yaml")
+    with pytest.raises(ConfigError, match="val_path is not set"):
+        build_loader(DataConfig(), "val")
+    with pytest.raises(ConfigError, match="no process group"):
+        build_loader(DataConfig(val_path=str(data["square_raw"])), "val", distributed=True)
+    with pytest.raises(DataError, match="is a folder, FFCV reads .beton"):
+        build_loader(DataConfig(val_path=str(data["square"])), "val")
+    with pytest.raises(DataError, match="not a directory"):
+        build_loader(DataConfig(backend="torchvision", val_path=str(data["square_raw"])), "val")
+    bad = tmp_path / "bad.beton"
+    bad.write_bytes(data["square_raw"].read_bytes()[:5000])
+    with pytest.raises(DataError, match="truncated"):
+        build_loader(DataConfig(val_path=str(bad)), "val")
