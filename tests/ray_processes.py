@@ -1,0 +1,209 @@
+"""Real, separate Ray processes on 127.0.0.1: a head and worker nodes started with `ray start`.
+
+Other Ray instances may run on the same machine, so every port is picked free and nothing here
+ever runs `ray stop` (it would stop them too). Nodes are stopped by their process ids: a node's
+raylet and everything it spawned (core workers, agents), found through psutil.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+RAY = str(Path(sys.executable).parent / "ray")
+HEAD_IP = "127.0.0.2"  # loopback, but not rewritten by Ray (see LocalRayCluster._start)
+# Each node would otherwise claim ~30% of RAM for its object store (stack notes).
+OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def node_env(token_path: Path) -> dict[str, str]:
+    """Environment for `ray start` and its clients: quiet, token auth with our own token file,
+    and a lost node declared dead in ~3 s instead of ~30 s.
+
+    Ray 2.60 turns token auth on for a head when ~/.ray/auth_token exists, but a node joining
+    with `ray start --address` does not: every process gets the mode and the token file explicitly.
+    """
+    return {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+    }
+
+
+@dataclass
+class RayNode:
+    """One `ray start` node: its ports and, once up, its raylet pid and node id."""
+
+    name: str
+    node_manager_port: int
+    raylet_pid: int | None = None
+    node_id: str | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def pids(self) -> list[int]:
+        """The raylet and all its descendants (core workers, agents)."""
+        if self.raylet_pid is None:
+            return []
+        try:
+            raylet = psutil.Process(self.raylet_pid)
+            return [raylet.pid] + [c.pid for c in raylet.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+
+class LocalRayCluster:
+    """A Ray head plus worker nodes as separate processes, all on 127.0.0.1, stopped by pid."""
+
+    def __init__(self) -> None:
+        # Unix socket paths must stay under 107 bytes: a short temp dir of our own.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="cmxc-", dir="/tmp"))
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.client_port = free_port()
+        self.nodes: list[RayNode] = []
+        self.log = self.temp_dir / "ray-start.log"
+        self.token_path = self.temp_dir / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
+
+    def env(self) -> dict[str, str]:
+        """Environment for a process that joins this cluster (driver, `ray job submit`)."""
+        return node_env(self.token_path)
+
+    @property
+    def address(self) -> str:
+        return f"{HEAD_IP}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _node_ports(self) -> list[str]:
+        base = random.randrange(30000, 59000, 200)  # a private worker-port range per node
+        nm = free_port()
+        return [
+            "--node-manager-port", str(nm),
+            "--object-manager-port", str(free_port()),
+            "--min-worker-port", str(base), "--max-worker-port", str(base + 199),
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()),
+            "--metrics-export-port", str(free_port()),
+            "--object-store-memory", str(OBJECT_STORE_BYTES),
+            "--disable-usage-stats",
+        ]  # fmt: skip
+
+    def _start(self, name: str, args: list[str], resources: dict[str, float]) -> RayNode:
+        ports = self._node_ports()
+        node = RayNode(name, int(ports[ports.index("--node-manager-port") + 1]), resources=resources)
+        env = self.env()
+        if "--head" in args:
+            # `ray start` swaps the literal 127.0.0.1 (and "localhost") for the machine's routable IP,
+            # and GCS binds to the node IP, so the head uses another loopback address. Joining nodes
+            # get no --node-ip-address: Ray takes it from their route to the head, 127.0.0.1.
+            args = [*args, "--node-ip-address", HEAD_IP]
+        cmd = [RAY, "start", *args, *ports, "--num-cpus", str(int(resources.get("CPU", 0)))]
+        custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+        if custom:
+            cmd += ["--resources", json.dumps(custom)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+        with open(self.log, "a") as log:
+            log.write(f"$ {' '.join(cmd)}\n{out.stdout}{out.stderr}\n")
+        if out.returncode != 0:
+            raise RuntimeError(
+                f"`ray start` for {name} failed ({out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}"
+            )
+        node.raylet_pid = self._find_raylet(node.node_manager_port)
+        self.nodes.append(node)
+        return node
+
+    def start_head(self, resources: dict[str, float] | None = None) -> RayNode:
+        """`ray start --head` with no CPUs (trials never land on it), dashboard on 127.0.0.1."""
+        return self._start(
+            "head",
+            [
+                "--head", "--port", str(self.port), "--temp-dir", str(self.temp_dir),
+                "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", str(self.dashboard_port),
+                "--ray-client-server-port", str(self.client_port),
+            ],
+            resources or {"CPU": 0},
+        )  # fmt: skip
+
+    def add_worker(self, name: str, resources: dict[str, float]) -> RayNode:
+        """`ray start --address HEAD` with its own CPUs and custom resources."""
+        return self._start(name, ["--address", self.address], resources)
+
+    def _find_raylet(self, node_manager_port: int, timeout: float = 30.0) -> int:
+        flag = f"--node_manager_port={node_manager_port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in psutil.process_iter(["pid", "name", "cmdline"]):
+                cmd = p.info["cmdline"] or []
+                if cmd and cmd[0].endswith("raylet") and flag in cmd:
+                    return int(p.info["pid"])
+            time.sleep(0.2)
+        raise RuntimeError(f"no raylet with {flag}; see {self.log}:\n{self.log.read_text()[-3000:]}")
+
+    def kill_node(self, node: RayNode) -> list[int]:
+        """SIGKILL a node's raylet and all its descendants, as if the machine died."""
+        pids = node.pids()
+        _kill(pids)
+        return pids
+
+    def own_pids(self) -> list[int]:
+        """Every process of this cluster: nodes' process trees plus anything naming our temp dir."""
+        pids = {pid for n in self.nodes for pid in n.pids()}
+        marker = str(self.temp_dir)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            with contextlib.suppress(psutil.Error, TypeError):
+                if any(marker in a for a in p.info["cmdline"] or []):
+                    pids.add(int(p.info["pid"]))
+                    pids.update(c.pid for c in p.children(recursive=True))
+        pids.discard(os.getpid())
+        return sorted(pids)
+
+    def shutdown(self) -> None:
+        """Stop every process of this cluster by pid (never `ray stop`: it is machine-wide)."""
+        for _ in range(3):
+            pids = self.own_pids()
+            if not pids:
+                break
+            _kill(pids)
+            time.sleep(0.5)
+        with contextlib.suppress(OSError):
+            subprocess.run(["rm", "-rf", str(self.temp_dir)], check=False, timeout=180)
+
+
+def _kill(pids: list[int]) -> None:
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                procs.append(psutil.Process(pid))
+    psutil.wait_procs(procs, timeout=10)
