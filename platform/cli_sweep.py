@@ -24,10 +24,13 @@ from cmx.errors import ConfigError
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any key of the file, e.g. --set base.loop.epochs=2.")
 @click.option("--dry-run", is_flag=True, help="Validate, show the plan and sample configs; start nothing.")
+@click.option("--tracking-uri", metavar="URI",
+              help="MLflow store (http://server, sqlite:///file.db) [default: the file's tracking.uri, else "
+                   "$MLFLOW_TRACKING_URI, else sqlite under $CMX_HOME/mlflow].")
 @click.pass_context
 def sweep(ctx: click.Context, space_path: Path | None, address: str | None, name: str | None,
           resume_name: str | None, fresh: bool, storage: str | None, samples: int | None,
-          overrides: tuple[str, ...], dry_run: bool) -> None:
+          overrides: tuple[str, ...], dry_run: bool, tracking_uri: str | None) -> None:
     """Run a Ray Tune + Optuna sweep over the ConvMixer design space."""
     if ctx.invoked_subcommand is not None:
         return
@@ -40,6 +43,8 @@ def sweep(ctx: click.Context, space_path: Path | None, address: str | None, name
         extra.append(f"storage.path={storage}")
     if samples:
         extra.append(f"search.num_samples={samples}")
+    if tracking_uri:
+        extra.append(f"tracking.uri={tracking_uri}")
     if resume_name:
         space_path = _saved_spec_path(resume_name, storage)
         source_text = (space_path.parent / "cmx-space.yaml").read_text() if (space_path.parent / "cmx-space.yaml").exists() else space_path.read_text()

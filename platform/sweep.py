@@ -309,11 +309,12 @@ def run_sweep(
 
     from cmx.ray_runtime import alive_nodes, init_ray, local_capacity
 
-    # Check what needs no cluster before Ray starts.
+    # Check what needs no cluster before Ray starts (the tracking store included).
     plan_resources(spec, [local_capacity()] if address is None else [NodeCapacity("?", "?", 1e9, 1e9)])
+    path = experiment_path(spec)
+    callbacks = [*(callbacks or []), *_tracking_callbacks(spec, path, source_text)]
     init_ray(address)
     plan = plan_resources(spec, alive_nodes())
-    path = experiment_path(spec)
     resumed = _prepare_experiment_dir(spec, path, source_text, fresh)
     trainable = trainable_for(spec, plan)
     if resumed:
@@ -334,6 +335,15 @@ def run_sweep(
     expected = _expected_trials(spec)
     outcome.interrupted = not out_of_time and len(outcome.trials) < expected
     return outcome
+
+
+def _tracking_callbacks(spec: SweepSpec, path: str, source_text: str) -> list[Any]:
+    """The MLflow callback when tracking is on; raises TrackingError if its store is unreachable."""
+    if not spec.tracking.enabled:
+        return []
+    from cmx.tracking_callback import MLflowTrackingCallback
+
+    return [MLflowTrackingCallback(spec=spec, experiment_dir=path, source_text=source_text)]
 
 
 def _expected_trials(spec: SweepSpec) -> int:
