@@ -124,13 +124,14 @@ def _run(spec: Any, source_text: str, address: str | None, fresh: bool) -> None:
     callbacks: list[Any] = []
 
     def on_start(plan: Any, resumed: bool) -> None:
+        from cmx.sweep import concurrency
+
         verb = "resuming" if resumed else "starting"
         console.print(f"[bold]{verb} sweep {spec.name}[/] ({spec.search.num_samples} trials, "
-                      f"{spec.search.algorithm}, {spec.scheduler.name}) → {plan.concurrent} trial(s) fit at once")
-
-    from cmx.sweep_progress import RichSweepProgress
+                      f"{spec.search.algorithm}, {spec.scheduler.name}) → {concurrency(spec, plan)} at a time")
 
     from cmx.search_space import grid_size
+    from cmx.sweep_progress import RichSweepProgress
 
     total = spec.search.num_samples * (grid_size(spec) if spec.search.algorithm == "grid" else 1)
     callbacks.append(RichSweepProgress(total=total, metric=o.metric, mode=o.mode,

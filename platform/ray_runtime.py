@@ -9,8 +9,16 @@ from pathlib import Path
 
 from cmx.errors import ClusterError
 
-# Unix socket paths must stay under 107 bytes, so Ray's temp dir is kept short.
-RAY_TMP = Path(tempfile.gettempdir()) / f"cmxray-{os.getuid()}"
+# Unix socket paths must stay under 107 bytes, so Ray's temp dir is kept short. CMX_RAY_TMP
+# moves it (tests give each embedded Ray its own, so they can stop exactly that one).
+RAY_TMP_ENV = "CMX_RAY_TMP"
+
+
+def ray_tmp() -> Path:
+    """Temp dir of the embedded local Ray."""
+    return Path(os.environ.get(RAY_TMP_ENV) or Path(tempfile.gettempdir()) / f"cmxray-{os.getuid()}")
+
+
 # Each local Ray node would otherwise claim ~30% of RAM for its object store; trials pass only
 # small results and checkpoints through it (measured: < 50 MB per sweep here).
 OBJECT_STORE_BYTES = 512 * 1024**2
@@ -57,14 +65,15 @@ def init_ray(
     # Trial stdout stays in each trial's log files; errors still reach the driver's summary.
     kwargs: dict = {"log_to_driver": log_to_driver, "logging_level": "ERROR"}
     if address is None:
-        RAY_TMP.mkdir(parents=True, exist_ok=True)
+        tmp = ray_tmp()
+        tmp.mkdir(parents=True, exist_ok=True)
         kwargs.update(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
             object_store_memory=OBJECT_STORE_BYTES,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
-            _temp_dir=str(RAY_TMP),
+            _temp_dir=str(tmp),
         )
     else:
         kwargs["address"] = address

@@ -10,6 +10,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import shutil  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -32,3 +34,14 @@ def fmnist_tiny() -> dict[str, str]:
         "train_beton": str(ex.train_beton),
         "val_beton": str(ex.val_beton),
     }
+
+
+@pytest.fixture
+def own_ray_tmp() -> Iterator[str]:
+    """A private CMX_RAY_TMP for the Ray a test's subprocesses start; that Ray is killed afterwards."""
+    from ray_procs import kill_ray_started_with, private_ray_tmp
+
+    tmp = private_ray_tmp()
+    yield tmp
+    kill_ray_started_with(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_fixtures import CLASSES, make_clean_folder, make_square_folder
+
 from cmx.config import AugmentConfig, DataConfig, ProgressiveResize, validate_config
 from cmx.errors import ConfigError, DataError
 from cmx.pipelines.beton import convert_image_folder
 from cmx.pipelines.images import load_rgb_array, scan_image_folder
 from cmx.pipelines.loaders import Loader, build_loader, check_pipeline_order, ffcv_imported
-from data_fixtures import CLASSES, make_clean_folder, make_square_folder
 
 pytestmark = pytest.mark.timeout(300)
 UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # outputs are pixel / 255
@@ -240,3 +241,26 @@ def test_bad_loader_inputs(data, tmp_path: Path) -> None:
     bad.write_bytes(data["square_raw"].read_bytes()[:5000])
     with pytest.raises(DataError, match="truncated"):
         build_loader(DataConfig(val_path=str(bad)), "val")
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory: pytest.TempPathFactory):
+    from cmx.pipelines.fashion_mnist import export_fashion_mnist, source_dir
+
+    if not (source_dir() / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    out = tmp_path_factory.mktemp("fm")
+    return export_fashion_mnist(out, limit_per_class=2, progress=False, workers=1)
+
+
+def test_fashion_mnist_at_28px_both_backends(fashion) -> None:
+    """The trainer's quick path: 28x28 grayscale stored as RGB, crop ratio 1.0, both backends agree exactly."""
+    common = {"val_resolution": 28, "center_crop_ratio": 1.0, "val_batch_size": 8, "num_workers": 1, **UNIT}
+    ffcv = build_loader(DataConfig(val_path=str(fashion.val_beton), **common), "val")
+    tv = build_loader(DataConfig(backend="torchvision", val_path=str(fashion.val_dir), **common), "val")
+    (fx, fy), (tx, ty) = _all(ffcv), _all(tv)
+    assert fx.shape == tx.shape == (20, 3, 28, 28) and ffcv.num_classes == tv.num_classes == 10
+    assert fy.tolist() == ty.tolist() == [c for c in range(10) for _ in range(2)]
+    # raw .beton written from the exported JPEGs: the very pixels PIL decodes, grey in all 3 channels
+    torch.testing.assert_close(fx, tx, atol=1e-6, rtol=0)
+    assert torch.equal(fx[:, 0], fx[:, 1]) and torch.equal(fx[:, 1], fx[:, 2])

@@ -1,0 +1,56 @@
+"""`cmx train --workers 2`: the same loop under Ray Train's TorchTrainer (gloo on CPU, FFCV's
+distributed loader, DDP), and a worker killed mid-run that the restarted group resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from train_fixtures import fmnist_tiny, train_config  # noqa: F401  (fixture)
+
+from cmx import metrics as M
+from cmx.ray_train import KILL_ENV
+
+CMX = Path(sys.executable).parent / "cmx"
+pytestmark = pytest.mark.slow
+
+
+def _run_yaml(export, tmp_path: Path, epochs: int) -> Path:  # noqa: ANN001
+    # batch 10: each rank takes 10 steps per epoch on its half of the 200 training images
+    cfg = train_config(export, backend="ffcv", data={"batch_size": 10}, loop={"epochs": epochs, "seed": 0})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def _cmx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CMX), *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_cpu_workers_train_and_survive_a_killed_worker(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+    """One Ray Train run: rank 1 dies after epoch 1; the group restarts and resumes at epoch 2."""
+    marker = tmp_path / "killed"
+    run_dir = tmp_path / "run"
+    out = _cmx("train", "--config", str(_run_yaml(fmnist_tiny, tmp_path, epochs=3)), "--run-dir", str(run_dir),
+               "--workers", "2", "--cpus-per-worker", "1", "--max-failures", "2", "--no-progress",
+               env={KILL_ENV: f"1:1:{marker}"})  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert marker.read_text().startswith("rank 1 killed after epoch 1")  # the failure really happened
+    rows = _rows(run_dir)
+    # One row per epoch, written by rank 0 only; the epoch after the restart continues (no repeat of 1).
+    assert [r[M.EPOCH] for r in rows] == [1, 2, 3]
+    assert all(r[M.TRAIN_LOSS] == r[M.TRAIN_LOSS] for r in rows)  # finite, not NaN
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["epochs_completed"] == 3
+    assert rows[-1][M.TRAIN_LOSS] < rows[0][M.TRAIN_LOSS]  # the restarted group kept learning
+    assert "completed 3 epochs" in out.stdout

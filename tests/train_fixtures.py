@@ -1,0 +1,84 @@
+"""Fixtures for the training tests: the built-in Fashion-MNIST, exported once and cached.
+
+Import the fixtures into a test module (`from train_fixtures import fmnist_tiny, ...`); the
+exports live under the repo's `.cmx-home/test-cache/` (git-ignored) so re-runs skip the ~20 s
+export of the 10k-image set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cmx.config import TrainConfig
+
+CACHE = Path(__file__).resolve().parents[1] / ".cmx-home" / "test-cache"
+# Fashion-MNIST's per-channel statistics (grayscale replicated to RGB by the export).
+FMNIST_MEAN = (0.286, 0.286, 0.286)
+FMNIST_STD = (0.353, 0.353, 0.353)
+
+
+def export_cached(limit_per_class: int) -> Any:
+    """Export into a private temp folder, then rename into the cache: concurrent test runs never
+    see a half-written export (the rename is atomic; the loser uses the winner's copy)."""
+    from cmx.pipelines.fashion_mnist import export_fashion_mnist
+
+    final = CACHE / f"fmnist-{limit_per_class}"
+    if not (final / "train.beton").is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        export_fashion_mnist(tmp, limit_per_class=limit_per_class, progress=False)
+        try:
+            tmp.rename(final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # A second call finds the export marker and returns at once.
+    return export_fashion_mnist(final, limit_per_class=limit_per_class, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fmnist_tiny() -> Any:
+    """20 images per class: 200 train / 200 val."""
+    return export_cached(20)
+
+
+@pytest.fixture(scope="session")
+def fmnist_10k() -> Any:
+    """1000 images per class: 10,000 train / 10,000 val."""
+    return export_cached(1000)
+
+
+def train_config(export: Any, *, backend: str = "torchvision", **sections: dict[str, Any]) -> TrainConfig:
+    """A tiny, fast ConvMixer run on an export; `sections` update the config's sections."""
+    ffcv = backend == "ffcv"
+    base: dict[str, Any] = {
+        "name": "test",
+        "data": {
+            "backend": backend,
+            "train_path": str(export.train_beton if ffcv else export.train_dir),
+            "val_path": str(export.val_beton if ffcv else export.val_dir),
+            "resolution": 28,
+            "val_resolution": 28,
+            "center_crop_ratio": 1.0,
+            "batch_size": 50,
+            "num_workers": 2 if ffcv else 0,
+            "mean": FMNIST_MEAN,
+            "std": FMNIST_STD,
+            "augment": {"scale": [0.5, 1.0]},
+        },
+        "model": {"name": "convmixer_tiny", "dim": 16, "depth": 2, "kernel_size": 3, "patch_size": 4},
+        "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
+        "schedule": {"name": "onecycle"},
+        "loop": {"epochs": 2, "threads": 2, "seed": 0},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(base.get(name), dict):
+            base[name] = {**base[name], **values}
+        else:
+            base[name] = values
+    return TrainConfig.model_validate(base)
