@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Stop the MLflow server that start-mlflow.sh started on this node (by its pid file only).
+set -euo pipefail
+DIR="${CMX_MLFLOW_DIR:-$HOME/mlflow}"
+if [ ! -f "$DIR/server.pid" ]; then
+  echo "no $DIR/server.pid: nothing to stop"
+  exit 0
+fi
+PID="$(cat "$DIR/server.pid")"
+if kill -0 "$PID" 2>/dev/null; then
+  # The gunicorn/uvicorn master takes its workers down on SIGTERM.
+  kill -TERM "$PID"
+  for _ in $(seq 1 30); do kill -0 "$PID" 2>/dev/null || break; sleep 1; done
+  kill -0 "$PID" 2>/dev/null && kill -KILL "$PID"
+fi
+rm -f "$DIR/server.pid"
+echo "mlflow server stopped"
