@@ -730,7 +730,10 @@ def build_loader(
         raise ConfigError(
             f"data.{split}_path is not set", f"set data.{split}_path to a .beton or ImageFolder"
         )
-    path = Path(raw).expanduser()
+    from cmx.pipelines.data_cache import local_data_path
+
+    # With data.cache_dir set, shared (NFS / s3://) data is read from a node-local copy.
+    path = local_data_path(str(raw), cfg.cache_dir)
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())

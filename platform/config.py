@@ -83,6 +83,10 @@ class DataConfig(StrictModel):
     center_crop_ratio: float = Field(224 / 256, gt=0.0, le=1.0)
     progressive: ProgressiveResize | None = None
     os_cache: bool = False
+    cache_dir: str | None = Field(
+        None,
+        description="node-local dir: train/val data (path or s3://) is copied here once per node and read locally",
+    )
     order: Literal["random", "quasi_random", "sequential"] = "random"
     drop_last: bool = True
     batches_ahead: int = Field(3, ge=1)
