@@ -2,7 +2,7 @@
 
 cmx: the trainer's own parts (`setup_runtime`, `create_train_loader`, `build_parts`,
 `train_loop`: what `cmx train` runs every epoch, minus validation and checkpoints), i.e. the FFCV
-loader, cmx's ConvMixer (channels_last) and its AdamW, fp32 unless `--precision bf16`.
+loader, cmx's ConvMixer (channels_last) and its AdamW; fp32 unless `--precision bf16` (both sides).
 Baseline: the textbook loop, torchvision `ImageFolder` + `DataLoader` (RandomResizedCrop, flip,
 ToTensor, Normalize) feeding timm's ConvMixer (NCHW, eager) and `torch.optim.AdamW`. Same model
 dims and initial weights, batch, resolution, crop scale, worker count, lr and images.
@@ -14,6 +14,7 @@ reported. Loader-only rounds (the same two loaders, no model) show whether train
     .venv/bin/python benchmarks/train_throughput.py            # Fashion-MNIST, 28 px, ~3-5 min
     .venv/bin/python benchmarks/train_throughput.py --quick    # smoke run, ~1 min
     .venv/bin/python benchmarks/train_throughput.py --jpeg     # + ImageNet-like JPEGs at 64 px
+    .venv/bin/python benchmarks/train_throughput.py --jpeg --no-fmnist --out benchmarks/results/train_throughput_jpeg.json
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class CmxPath:
                     "threads": args.threads,
                     "precision": args.precision,
                     "compile": args.compile,
-                    "device": "cpu",
+                    "device": args.device,
                 },
             }
         )
@@ -227,6 +228,7 @@ class CmxPath:
         t0 = time.perf_counter()
         for images, _ in self.trainer._batches(self.loader, self.rt):
             n += images.shape[0]
+        _sync(self.rt.device)
         return n, time.perf_counter() - t0
 
 
@@ -261,6 +263,7 @@ class PlainPath:
             num_workers=args.workers,
             drop_last=True,
             persistent_workers=args.workers > 0,
+            pin_memory=args.device == "cuda",
         )
         self.model = TimmConvMixer(
             dim=case.dim,
@@ -271,25 +274,35 @@ class PlainPath:
         )
         # Same initial weights as cmx's model (timm-compatible keys); NCHW as timm builds it.
         self.model.load_state_dict(init.state_dict(), strict=True)
-        self.model.to(memory_format=torch.contiguous_format)
+        self.device = torch.device(args.device)
+        self.model.to(self.device, memory_format=torch.contiguous_format)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         self.threads = args.threads
+        amp = {"fp32": None, "bf16": torch.bfloat16}[args.precision]
+        self.autocast = torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
     def train_round(self) -> tuple[int, float]:
         """One epoch of forward, cross-entropy, backward, AdamW step; (images, seconds)."""
         torch.set_num_threads(self.threads)
         self.model.train()
-        n = 0
+        n, loss_sum = 0, torch.zeros((), device=self.device)
         t0 = time.perf_counter()
         for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
             self.opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(images), labels)
+            with self.autocast:
+                logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels)
             loss.backward()
             self.opt.step()
-            if not torch.isfinite(loss):
-                raise SystemExit(f"plain training diverged (loss {loss.item()}); lower --lr")
+            loss_sum += loss.detach()
             n += labels.shape[0]
-        return n, time.perf_counter() - t0
+        _sync(self.device)
+        seconds = time.perf_counter() - t0
+        if not torch.isfinite(loss_sum):  # checked once per round: no per-step GPU sync
+            raise SystemExit(f"plain training diverged (loss {loss_sum.item()}); lower --lr")
+        return n, seconds
 
     def loader_round(self) -> tuple[int, float]:
         """One epoch of the DataLoader alone."""
@@ -297,11 +310,19 @@ class PlainPath:
         n = 0
         t0 = time.perf_counter()
         for images, _ in self.loader:
+            images = images.to(self.device, non_blocking=True)
             n += images.shape[0]
+        _sync(self.device)
         return n, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a round's wall time includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def interleave(
@@ -382,6 +403,7 @@ def run_case(case: Case, args: argparse.Namespace, log: Console) -> dict[str, An
         "workers": args.workers,
         "threads": args.threads,
         "precision": args.precision,
+        "device": args.device,
         "compile": args.compile,
         "cmx_setup_s": setup_cmx,
         "loadavg_before": list(load_before),
@@ -435,9 +457,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, both sides")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="cmx side only")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype, both sides")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides train")
     p.add_argument("--compile", action="store_true", help="cmx side: loop.compile=true (torch.compile)")
     p.add_argument("--jpeg", action="store_true", help="also the synthetic ImageNet-like JPEG case")
+    p.add_argument("--no-fmnist", dest="fmnist", action="store_false", help="skip the Fashion-MNIST case")
     p.add_argument("--jpeg-images", type=int, default=2048)
     p.add_argument("--jpeg-resolution", type=int, default=64)
     p.add_argument("--jpeg-patch-size", type=int, default=4, help="patch size at --jpeg-resolution")
@@ -457,7 +481,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cases": [],
     }
     started = time.perf_counter()
-    cases: list[Callable[[], Case]] = [lambda: fmnist_case(args.per_class, args)]
+    cases: list[Callable[[], Case]] = []
+    if args.fmnist:
+        cases.append(lambda: fmnist_case(args.per_class, args))
     if args.jpeg:
         cases.append(lambda: jpeg_case(args.jpeg_images, args.jpeg_resolution, args))
     for make in cases:
