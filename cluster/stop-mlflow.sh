@@ -7,11 +7,12 @@ if [ ! -f "$DIR/server.pid" ]; then
   exit 0
 fi
 PID="$(cat "$DIR/server.pid")"
+# start-mlflow.sh runs the server as a session (and process group) leader: stop the whole group,
+# so uvicorn's workers go too.
 if kill -0 "$PID" 2>/dev/null; then
-  # The gunicorn/uvicorn master takes its workers down on SIGTERM.
-  kill -TERM "$PID"
+  kill -TERM -- "-$PID" 2>/dev/null || true
   for _ in $(seq 1 30); do kill -0 "$PID" 2>/dev/null || break; sleep 1; done
-  kill -0 "$PID" 2>/dev/null && kill -KILL "$PID"
+  kill -KILL -- "-$PID" 2>/dev/null || true
 fi
 rm -f "$DIR/server.pid"
 echo "mlflow server stopped"

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+TAG_ENV = "CMX_TEST_CLUSTER"  # every process of one LocalRayCluster inherits TAG_ENV=<its temp dir>
+
+
 def node_env(token_path: Path) -> dict[str, str]:
     """Environment for `ray start` and its clients: quiet, token auth with our own token file,
     and a lost node declared dead in ~3 s instead of ~30 s.
@@ -48,6 +50,7 @@ def node_env(token_path: Path) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
+        TAG_ENV: str(token_path.parent),
         "RAY_health_check_period_ms": "1000",
         "RAY_health_check_timeout_ms": "1000",
         "RAY_health_check_failure_threshold": "3",
@@ -137,7 +140,7 @@ class LocalRayCluster:
             raise RuntimeError(
                 f"`ray start` for {name} failed ({out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}"
             )
-        node.raylet_pid = self._find_raylet(node.node_manager_port)
+        node.raylet_pid, node.node_id = self._find_raylet(node.node_manager_port)
         self.nodes.append(node)
         return node
 
@@ -158,14 +161,16 @@ class LocalRayCluster:
         """`ray start --address HEAD` with its own CPUs and custom resources."""
         return self._start(name, ["--address", self.address], resources)
 
-    def _find_raylet(self, node_manager_port: int, timeout: float = 30.0) -> int:
+    def _find_raylet(self, node_manager_port: int, timeout: float = 30.0) -> tuple[int, str]:
+        """(pid, Ray node id) of the raylet listening on `node_manager_port`."""
         flag = f"--node_manager_port={node_manager_port}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for p in psutil.process_iter(["pid", "name", "cmdline"]):
                 cmd = p.info["cmdline"] or []
                 if cmd and cmd[0].endswith("raylet") and flag in cmd:
-                    return int(p.info["pid"])
+                    node_id = next(a.split("=", 1)[1] for a in cmd if a.startswith("--node_id="))
+                    return int(p.info["pid"]), node_id
             time.sleep(0.2)
         raise RuntimeError(f"no raylet with {flag}; see {self.log}:\n{self.log.read_text()[-3000:]}")
 
@@ -176,14 +181,16 @@ class LocalRayCluster:
         return pids
 
     def own_pids(self) -> list[int]:
-        """Every process of this cluster: nodes' process trees plus anything naming our temp dir."""
+        """Every process of this cluster: the nodes' process trees plus anything that inherited our
+        tag (core workers rename themselves `ray::...`, but keep their environment)."""
         pids = {pid for n in self.nodes for pid in n.pids()}
-        marker = str(self.temp_dir)
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            with contextlib.suppress(psutil.Error, TypeError):
-                if any(marker in a for a in p.info["cmdline"] or []):
-                    pids.add(int(p.info["pid"]))
-                    pids.update(c.pid for c in p.children(recursive=True))
+        needle = f"{TAG_ENV}={self.temp_dir}".encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.add(int(proc.name))
         pids.discard(os.getpid())
         return sorted(pids)
 
@@ -202,8 +209,9 @@ class LocalRayCluster:
 def _kill(pids: list[int]) -> None:
     procs = []
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(psutil.Error):
-                procs.append(psutil.Process(pid))
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
     psutil.wait_procs(procs, timeout=10)
