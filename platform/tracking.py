@@ -69,6 +69,8 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # Ending a run over HTTP otherwise prints "View run ... at URL" to stdout (and costs a GET).
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 HEALTH_TIMEOUT_S = 5.0
 OFFLINE_BACKOFF_S = (2.0, 60.0)  # first and longest wait before trying an unreachable store again
@@ -373,6 +375,10 @@ class Tracker:
         """Remove a run's artifacts under a path (bounded checkpoint storage)."""
         self._submit({"op": "delete", "key": key, "path": artifact_path})
 
+    def delete_run(self, key: str) -> None:
+        """Soft-delete a run (MLflow keeps it restorable; searches skip it)."""
+        self._submit({"op": "delete_run", "key": key})
+
     def register_model(
         self,
         key: str,
@@ -550,6 +556,8 @@ class Tracker:
             run = self.client.get_run(self._rid(key))
             repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri)
             repo.delete_artifacts(op["path"])
+        elif kind == "delete_run":
+            self.client.delete_run(self._rid(key))
         elif kind == "register":
             self._apply_register(op)
         else:

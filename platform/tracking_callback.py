@@ -304,6 +304,7 @@ class MLflowTrackingCallback(tune.Callback):
             if t.has_run(key) and key not in self.meta["ended"]:
                 t.end_run(key, "interrupted")
                 self.meta["ended"].append(key)
+        self._drop_forgotten_trials(trials)
         self._guard("plotting the sweep", self._plots)
         statuses = self.meta.get("status", {})
         best_tid = self._best_trial_id()
@@ -337,6 +338,22 @@ class MLflowTrackingCallback(tune.Callback):
                 "%d MLflow call(s) not delivered yet (store unreachable); send them with: cmx runs replay %s",
                 t.pending(), self.experiment_dir,
             )  # fmt: skip
+
+    def _drop_forgotten_trials(self, trials: list) -> None:
+        """Delete the runs of trials Tune no longer knows: a trial started just before the driver
+        was killed, before Tune saved its state, is re-proposed under a new id after the restore
+        (seen with a SIGKILLed driver), so its old run would be a duplicate."""
+        known = {trial_key(tr.trial_id) for tr in trials}
+        for key in [k for k in self.tracker.state["runs"] if k.startswith("trial:") and k not in known]:
+            if key in self.meta.setdefault("forgotten", []):
+                continue
+            if key not in self.meta["ended"]:
+                self.tracker.end_run(key, "interrupted", tags={"cmx.forgotten": "not in the restored sweep"})
+                self.meta["ended"].append(key)
+            self.tracker.delete_run(key)
+            self.meta["forgotten"].append(key)
+            self.meta["status"].pop(key.removeprefix("trial:"), None)
+            self.meta["best"].pop(key.removeprefix("trial:"), None)
 
     def _best_trial_id(self) -> str | None:
         statuses = self.meta.get("status", {})

@@ -1,0 +1,162 @@
+"""Tracking under failure, against a real `mlflow server`: a killed and resumed sweep keeps one run
+per trial, and a server that goes away mid-sweep loses no metric."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow_server import MlflowServer, mlflow_server  # noqa: F401 - a fixture
+from ray_procs import kill_ray_started_with, private_ray_tmp
+from test_sweep_ray import trial_rows, write_spec
+
+from cmx import metrics as M
+from cmx.ray_runtime import RAY_TMP_ENV
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+CMX = str(Path(sys.executable).parent / "cmx")
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _sweep_runs(uri: str, name: str) -> tuple[Any, list[Any], list[Any]]:
+    """(client, parent runs, trial runs) of a sweep's experiment."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return (
+        client,
+        [r for r in runs if r.data.tags.get("cmx.role") == "sweep"],
+        [r for r in runs if r.data.tags.get("cmx.role") == "trial"],
+    )
+
+
+def _assert_full_histories(client: Any, trials: list[Any], exp_dir: Path) -> None:
+    """Every epoch each trial reported to Tune is in MLflow, at step=epoch, once."""
+    for run in trials:
+        rows = trial_rows(exp_dir / f"trial_{run.data.tags['cmx.trial_id']}")
+        want = sorted({int(r[M.EPOCH]) for r in rows})
+        for key in (M.VAL_TOP1, M.TRAIN_LOSS):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert sorted(steps) == want, (run.info.run_name, key, steps, want)
+
+
+def test_killed_sweep_resumed_keeps_one_run_per_trial(
+    mlflow_server: MlflowServer,  # noqa: F811 - the fixture
+    fmnist_tiny: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    name = "trk-resume"
+    path = write_spec(tmp_path, fmnist_tiny, name=name, epochs=4, samples=2, backend="torchvision",
+                      scheduler={"name": "none"}, search={"max_concurrent": 1}, tracking={"enabled": True})  # fmt: skip
+    exp = tmp_path / "sweeps" / name
+    ray_tmp = private_ray_tmp()
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: ray_tmp}
+    cmd = [CMX, "sweep", "--space", str(path), "--tracking-uri", mlflow_server.uri]
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:  # kill the driver once one trial finished and the next one is mid-way
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            rows = [len(trial_rows(d)) for d in exp.glob("trial_*")]
+            if rows.count(4) >= 1 and 1 in rows:
+                break
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.3)
+        else:
+            pytest.fail("the sweep made no progress")
+        time.sleep(1)  # let Tune persist its state (TUNE_GLOBAL_CHECKPOINT_S=1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kill_ray_started_with(ray_tmp)
+    _, _, before = _sweep_runs(mlflow_server.uri, name)
+    assert any(r.info.status == "RUNNING" for r in before)  # the kill left the running trial's run open
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    kill_ray_started_with(ray_tmp)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming sweep" in out.stderr
+    client, parents, trials = _sweep_runs(mlflow_server.uri, name)
+    assert len(parents) == 1 and parents[0].data.tags.get("cmx.resumes") == "1"
+    ids = [r.data.tags["cmx.trial_id"] for r in trials]
+    assert len(ids) == len(set(ids)) == 2, ids  # exactly one run per trial
+    assert {r.info.run_id for r in before} <= {r.info.run_id for r in trials}  # the same runs continued
+    assert all(r.info.status != "RUNNING" for r in [*parents, *trials])
+    assert all(r.data.tags["cmx.status"] == "completed" for r in trials)
+    _assert_full_histories(client, trials, exp)
+
+
+def test_server_down_mid_sweep_loses_no_metric(
+    mlflow_server: MlflowServer,  # noqa: F811 - the fixture
+    fmnist_tiny: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    import ray
+
+    from cmx.sweep import run_sweep
+    from cmx.sweep_config import load_sweep_spec
+    from cmx.tracking import JOURNAL_FILE
+
+    name = "trk-outage"
+    path = write_spec(tmp_path, fmnist_tiny, name=name, epochs=3, samples=2, backend="torchvision",
+                      scheduler={"name": "none"}, search={"max_concurrent": 1},
+                      tracking={"enabled": True, "uri": mlflow_server.uri})  # fmt: skip
+    exp = tmp_path / "sweeps" / name
+    seen: dict[str, int] = {}
+
+    def outage() -> None:
+        """Stop the server after the first epoch; start it again once the sweep journaled while it was down."""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not any(trial_rows(d) for d in exp.glob("trial_*")):
+            time.sleep(0.2)
+        mlflow_server.stop()
+        seen["down_at"] = sum(len(trial_rows(d)) for d in exp.glob("trial_*"))
+        while time.monotonic() < deadline and not (exp / JOURNAL_FILE).is_file():
+            time.sleep(0.2)
+        while (
+            time.monotonic() < deadline and sum(len(trial_rows(d)) for d in exp.glob("trial_*")) < seen["down_at"] + 2
+        ):
+            time.sleep(0.2)
+        seen["journaled"] = int((exp / JOURNAL_FILE).is_file())
+        mlflow_server.start()
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        outcome = run_sweep(load_sweep_spec(path), source_text=path.read_text())
+    finally:
+        ray.shutdown()
+        thread.join(timeout=200)
+    assert seen.get("journaled") == 1, seen  # calls were kept while the server was down
+    assert all(t["status"] == "completed" for t in outcome.trials), outcome.trials
+    if (exp / JOURNAL_FILE).is_file():  # the sweep ended before the server was back: replay by hand
+        from click.testing import CliRunner
+
+        from cmx.cli import cli
+
+        out = CliRunner().invoke(cli, ["runs", "replay", str(exp), "--tracking-uri", mlflow_server.uri])
+        assert out.exit_code == 0 and "nothing pending" in out.output, out.output
+    assert not (exp / JOURNAL_FILE).is_file()
+    client, parents, trials = _sweep_runs(mlflow_server.uri, name)
+    assert len(parents) == 1 and len(trials) == 2
+    assert all(r.info.status == "FINISHED" for r in [*parents, *trials])
+    _assert_full_histories(client, trials, exp)
+    for run in trials:  # every value, not only every step
+        rows = {int(r[M.EPOCH]): r for r in trial_rows(exp / f"trial_{run.data.tags['cmx.trial_id']}")}
+        for m in client.get_metric_history(run.info.run_id, M.VAL_LOSS):
+            assert m.value == pytest.approx(rows[m.step][M.VAL_LOSS])
+    assert "plots" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
