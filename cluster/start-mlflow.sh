@@ -10,6 +10,8 @@
 #                            network; the security group keeps the port closed to the internet)
 #   CMX_MLFLOW_PORT          default 5000
 #   CMX_MLFLOW_WORKERS       uvicorn workers (default 2)
+#   CMX_MLFLOW_ALLOWED_HOSTS Host headers accepted (MLflow's default: localhost and private IPs,
+#                            which covers nodes in a VPC/LAN; set it for a DNS name)
 #   CMX_MLFLOW_DIR           pid and log files (default ~/mlflow)
 #
 # Artifacts are proxied by the server (--serve-artifacts): workers need no S3 credentials for
@@ -43,6 +45,7 @@ MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true \
     --artifacts-destination "$CMX_MLFLOW_ARTIFACTS" \
     --serve-artifacts \
     --host "$HOST" --port "$PORT" --workers "$WORKERS" \
+    ${CMX_MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$CMX_MLFLOW_ALLOWED_HOSTS"} \
     >>"$DIR/server.log" 2>&1 &
 echo $! >"$DIR/server.pid"
 
