@@ -58,7 +58,8 @@ class Problem:
 
     def line(self, source: str) -> str:
         """`FILE: key: message — hint`, the one line the CLI prints."""
-        return f"{source}: {self.key}: {self.message} — {self.hint}"
+        where = f"{source}: {self.key}" if self.key else source
+        return f"{where}: {self.message} — {self.hint}"
 
 
 @dataclass
@@ -225,6 +226,25 @@ def gpu_problems(spec: Any, types: list[WorkerType], key: str) -> list[Problem]:
     return []
 
 
+def cache_dir_problems(settings: CmxClusterSettings) -> list[Problem]:
+    """The beton cache must be a local absolute path, not on a shared mount (that defeats it)."""
+    d = settings.data_cache_dir
+    key = "metadata.cmx.data_cache_dir"
+    if not d:
+        return []
+    if not d.startswith("/") or "://" in d:
+        return [
+            Problem(key, f"{d!r} must be an absolute local path", "e.g. /var/tmp/cmx-cache on each node's local disk")
+        ]
+    if any(_under(d, m) for m in settings.shared_mounts):
+        return [
+            Problem(
+                key, f"{d!r} is on a shared mount", "the cache exists to read betons from local disk; use a local path"
+            )
+        ]
+    return []
+
+
 def placeholders(data: Any) -> list[str]:
     """Every `<PLACEHOLDER>` still present in the file's values, in order of appearance."""
     found: list[str] = []
@@ -260,29 +280,22 @@ def check_cluster_file(path: str | Path, space: str | Path | None = None) -> Clu
     report.placeholders = placeholders(raw)
     meta = (raw.get("metadata") or {}).get("cmx") if isinstance(raw.get("metadata"), dict) else None
     try:
+        prepared: dict[str, Any] | None = ray_validate(raw)
+    except ConfigError as e:
+        report.problems.append(Problem("", e.message, e.hint or ""))
+        prepared = None
+    try:
         settings = validate_config(CmxClusterSettings, meta or {}, f"{path}: metadata.cmx")
     except ConfigError as e:
         # The rules below would only repeat this problem as missing settings.
         report.problems.append(Problem("metadata.cmx", e.message.split(": metadata.cmx: ", 1)[-1],
                                        e.hint or "fix the value"))  # fmt: skip
         return report
-    try:
-        prepared = ray_validate(raw)
-    except ConfigError as e:
-        report.problems.append(Problem("ray", e.message, e.hint or ""))
-        prepared = None
 
     spec, spec_source = _load_spec(path, settings, space, report)
     _check_storage(settings, spec, spec_source, report)
     _check_tracking(settings, spec, spec_source, report)
-    if settings.data_cache_dir:
-        d = settings.data_cache_dir
-        if not d.startswith("/") or "://" in d:
-            report.problems.append(Problem("metadata.cmx.data_cache_dir", f"{d!r} must be an absolute local path",
-                                           "e.g. /var/tmp/cmx-cache on each node's local disk"))  # fmt: skip
-        elif any(_under(d, m) for m in settings.shared_mounts):
-            report.problems.append(Problem("metadata.cmx.data_cache_dir", f"{d!r} is on a shared mount",
-                                           "the cache exists to read betons from local disk; use a local path"))  # fmt: skip
+    report.problems.extend(cache_dir_problems(settings))
     if prepared is not None:
         types = worker_types(prepared, settings)
         report.summary.append(
