@@ -20,7 +20,7 @@ from test_sweep_ray import trial_rows, write_spec
 
 from cmx import metrics as M
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # the module fixture runs a real sweep (~80-110 s)
 SECRET = "shh-cmx-7f3a9c"  # set as AWS_SECRET_ACCESS_KEY while the sweep runs; must be logged nowhere
 NAME = "trk"
 PER_EPOCH = (M.TRAIN_LOSS, M.VAL_LOSS, M.VAL_TOP1, M.VAL_TOP5, M.LR, M.IMAGES_PER_SEC, M.EPOCH_SECONDS)
