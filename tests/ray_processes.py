@@ -1,4 +1,4 @@
-"""Real, separate Ray processes on 127.0.0.1: a head and worker nodes started with `ray start`.
+"""Real, separate Ray processes on loopback: a head and worker nodes started with `ray start`.
 
 Other Ray instances may run on the same machine, so every port is picked free and nothing here
 ever runs `ray stop` (it would stop them too). Nodes are stopped by their process ids: a node's
@@ -12,7 +12,6 @@ import json
 import os
 import random
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,18 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from mlflow_server import free_port
+from ray_procs import pids_with_env
 
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_IP = "127.0.0.2"  # loopback, but not rewritten by Ray (see LocalRayCluster._start)
 # Each node would otherwise claim ~30% of RAM for its object store (stack notes).
 OBJECT_STORE_BYTES = 256 * 1024**2
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 TAG_ENV = "CMX_TEST_CLUSTER"  # every process of one LocalRayCluster inherits TAG_ENV=<its temp dir>
@@ -184,13 +178,7 @@ class LocalRayCluster:
         """Every process of this cluster: the nodes' process trees plus anything that inherited our
         tag (core workers rename themselves `ray::...`, but keep their environment)."""
         pids = {pid for n in self.nodes for pid in n.pids()}
-        needle = f"{TAG_ENV}={self.temp_dir}".encode()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                if needle in (proc / "environ").read_bytes().split(b"\0"):
-                    pids.add(int(proc.name))
+        pids.update(pids_with_env(TAG_ENV, str(self.temp_dir)))
         pids.discard(os.getpid())
         return sorted(pids)
 
