@@ -11,8 +11,8 @@ Each round is one short epoch (`--steps` batches over the same evenly spaced sub
 contender, interleaved A, B, A, B, ... so that a neighbour's load hits both alike; medians are
 reported. Loader-only rounds (the same two loaders, no model) show whether training is loader-bound.
 
-    .venv/bin/python benchmarks/train_throughput.py            # Fashion-MNIST, 28 px, ~3-5 min
-    .venv/bin/python benchmarks/train_throughput.py --quick    # smoke run, ~1 min
+    .venv/bin/python benchmarks/train_throughput.py            # Fashion-MNIST, 28 px: ~1 min idle, ~6 loaded
+    .venv/bin/python benchmarks/train_throughput.py --quick    # smoke run
     .venv/bin/python benchmarks/train_throughput.py --jpeg     # + ImageNet-like JPEGs at 64 px
     .venv/bin/python benchmarks/train_throughput.py --jpeg --no-fmnist --out benchmarks/results/train_throughput_jpeg.json
 """
@@ -335,7 +335,7 @@ def interleave(
         log.print(f"  {what} warm-up: {name} ({time.perf_counter() - t0:.1f} s)")
     rates: dict[str, list[float]] = {n: [] for n in fns}
     images: dict[str, int] = {}
-    loads = []
+    loads: list[float] = []
     for r in range(rounds):
         for name, fn in fns.items():
             n, s = fn()
