@@ -19,6 +19,7 @@ def ray_tmp() -> Path:
     return Path(os.environ.get(RAY_TMP_ENV) or Path(tempfile.gettempdir()) / f"cmxray-{os.getuid()}")
 
 
+DASHBOARD_PORT = 8265  # Ray's default; another local Ray on this machine may hold it
 # Each local Ray node would otherwise claim ~30% of RAM for its object store; trials pass only
 # small results and checkpoints through it (measured: < 50 MB per sweep here).
 OBJECT_STORE_BYTES = 512 * 1024**2
@@ -39,6 +40,9 @@ def quiet_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train gives a worker group 60 s to start; importing torch in N fresh workers on a busy
+    # node takes longer, and the trial would fail for nothing.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     # The legacy output engine honours RunConfig(verbose=0); cmx prints its own progress line.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Tune warns on every snapshot when trials checkpoint each epoch (a few seconds apart here).
@@ -73,6 +77,7 @@ def init_ray(
             object_store_memory=OBJECT_STORE_BYTES,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
+            dashboard_port=free_port(DASHBOARD_PORT) if dashboard else None,
             _temp_dir=str(tmp),
         )
     else:
@@ -85,6 +90,24 @@ def init_ray(
             f"cannot reach a Ray cluster at {address!r}: {first}",
             "start one with `ray up cluster/config.yaml` (or `ray start --head`), or drop --address to run locally",
         ) from None
+
+
+def free_port(preferred: int, host: str = "127.0.0.1") -> int:
+    """`preferred` if nothing listens on it, else a free port the OS picks.
+
+    Ray gives up on its dashboard when the port is taken (a second local sweep on one machine),
+    and without the dashboard agent stopped data-parallel trials never return their CPUs.
+    """
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise ClusterError(f"no free TCP port on {host} for the Ray dashboard")
 
 
 def shutdown_ray() -> None:

@@ -165,7 +165,10 @@ def test_lost_node_trial_resumes_from_checkpoint_on_another(tmp_path: Path, fmni
 
     from cmx.ray_runtime import OBJECT_STORE_BYTES
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False},
+    )
     nodes = [cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
@@ -181,8 +184,8 @@ def test_lost_node_trial_resumes_from_checkpoint_on_another(tmp_path: Path, fmni
                 for d in exp.glob("trial_*"):
                     rows = trial_rows(d)
                     if len(rows) >= 2 and not rows[-1].get("done"):
-                        victim = next(n for n in nodes if n.unique_id == rows[-1]["trial/node_id"])
-                        killed.update(trial=d.name, node=victim.unique_id, epoch=str(rows[-1]["epoch"]))
+                        victim = next(n for n in nodes if n.node_id == rows[-1]["trial/node_id"])
+                        killed.update(trial=d.name, node=victim.node_id, epoch=str(rows[-1]["epoch"]))
                         cluster.remove_node(victim)
                         return
                 time.sleep(0.3)
@@ -210,11 +213,10 @@ def test_lost_node_trial_resumes_from_checkpoint_on_another(tmp_path: Path, fmni
 def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
     import ray
 
-    from cmx.ray_runtime import OBJECT_STORE_BYTES, ray_tmp
-
     # 2 workers x 1 CPU plus the trial driver's 0.01 CPU: three logical CPUs on this 2-core box.
-    ray.init(address="local", num_cpus=3, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True,
-             dashboard_host="127.0.0.1", _temp_dir=str(ray_tmp()), log_to_driver=False)
+    from cmx.ray_runtime import init_ray
+
+    init_ray(num_cpus=3)
     try:
         path = write_spec(tmp_path, fmnist_tiny, name="dp", epochs=3, samples=3, backend="torchvision",
                           resources={"workers": 2, "cpus_per_worker": 1},

@@ -1,0 +1,256 @@
+"""Loader throughput: cmx's FFCV path vs torchvision on the same JPEG folder, in one run.
+
+Same crop size, batch size and worker count for all; several rounds (full epochs), medians.
+Reports images/s (wall) and CPU-ms per image (all threads and worker processes), and separately
+the one-time cost of the FFCV path (import + JIT compile of a new Loader). A benchmark, not a test:
+
+    .venv/bin/python benchmarks/loader_throughput.py [--images 2048] [--rounds 5] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REQUIRED_SPEEDUP = 4.0  # issue 3: FFCV >= 4x torchvision per core, normalization included
+
+
+def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
+    """ImageNet-like JPEGs (q90, 300-500 px sides, smooth content with texture); reused if present."""
+    from PIL import Image
+
+    marker = root / f".complete-{n}-{classes}-{seed}"
+    if marker.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = int(rng.integers(300, 501)), int(rng.integers(300, 501))
+        coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        base = np.asarray(
+            Image.fromarray(coarse, "RGB").resize((w, h), Image.Resampling.BICUBIC), np.int16
+        )
+        texture = rng.normal(0, 12, (h, w, 1)).astype(np.int16)
+        img = np.clip(base + texture, 0, 255).astype(np.uint8)
+        d = root / f"class_{i % classes:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, "RGB").save(d / f"{i:06d}.jpg", quality=90)
+    marker.touch()
+    return root
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its finished, waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_rounds(
+    make_epoch: Callable[[int], Iterable[Any]], n_images: int, rounds: int
+) -> dict[str, float]:
+    """One warm-up epoch, then `rounds` timed epochs; medians of img/s and CPU-ms/img."""
+    for _ in make_epoch(0):
+        pass
+    rates, cpu_ms = [], []
+    for r in range(1, rounds + 1):
+        seen = 0
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        for images, _ in make_epoch(r):
+            seen += images.shape[0]
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        rates.append(seen / wall)
+        cpu_ms.append(1000 * cpu / seen)
+    return {
+        "img_per_s": statistics.median(rates),
+        "cpu_ms_per_img": statistics.median(cpu_ms),
+        "img_per_s_rounds": [round(x, 1) for x in rates],
+        "cpu_ms_rounds": [round(x, 3) for x in cpu_ms],
+        "images_per_epoch": n_images,
+    }
+
+
+def epochs_of(loader: Any) -> Callable[[int], Iterable[Any]]:
+    """epoch -> the loader set to that epoch."""
+
+    def epoch(e: int) -> Iterable[Any]:
+        loader.set_epoch(e)
+        return loader
+
+    return epoch
+
+
+def cmx_loader(backend: str, path: Path, args: argparse.Namespace) -> Any:
+    from cmx.config import DataConfig
+    from cmx.pipelines.loaders import build_loader
+
+    cfg = DataConfig(
+        backend=backend,  # type: ignore[arg-type]
+        train_path=str(path),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        resolution=args.resolution,
+        drop_last=False,
+    )
+    return build_loader(cfg, "train")
+
+
+def plain_torchvision(folder: Path, args: argparse.Namespace) -> Any:
+    """The textbook baseline: ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize."""
+    import torch
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(args.resolution),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+    ds = datasets.ImageFolder(str(folder), transform=tf)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers
+    )
+
+
+ONE_TIME = r"""
+import sys, time, json
+t0 = time.perf_counter()
+import torch
+from cmx.pipelines.loaders import ffcv_imported
+with ffcv_imported():
+    pass
+t1 = time.perf_counter()
+from cmx.config import DataConfig
+from cmx.pipelines.loaders import build_loader
+cfg = DataConfig(train_path=sys.argv[1], batch_size=int(sys.argv[2]), num_workers=int(sys.argv[3]),
+                 resolution=int(sys.argv[4]))
+loader = build_loader(cfg, "train")
+t2 = time.perf_counter()
+for x, y in loader:
+    break
+t3 = time.perf_counter()
+for x, y in loader:
+    break
+t4 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "build_s": t2 - t1, "first_batch_s": t3 - t2, "second_epoch_first_batch_s": t4 - t3}))
+"""
+
+
+def one_time_cost(beton: Path, args: argparse.Namespace) -> dict[str, float]:
+    """In a fresh process: import ffcv, build a Loader, first batch (JIT), first batch again."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ONE_TIME,
+            str(beton),
+            str(args.batch_size),
+            str(args.workers),
+            str(args.resolution),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--data-dir", type=Path, default=None, help="default: $CMX_HOME/bench/loader")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    import torch
+    from cmx.home import cmx_home
+    from cmx.pipelines.beton import convert_image_folder
+
+    torch.set_num_threads(args.workers)
+    root = args.data_dir or cmx_home() / "bench" / "loader"
+    folder = make_jpeg_folder(root / f"jpeg-{args.images}", args.images)
+    beton = root / f"jpeg-{args.images}.beton"
+    if not beton.exists():
+        # JPEG mode, as the folder: both sides decode a JPEG per image.
+        convert_image_folder(
+            folder,
+            beton,
+            write_mode="jpg",
+            jpeg_quality=90,
+            max_resolution=500,
+            workers=args.workers,
+            progress=False,
+        )
+
+    results: dict[str, Any] = {}
+    results["cmx ffcv"] = run_rounds(
+        epochs_of(cmx_loader("ffcv", beton, args)), args.images, args.rounds
+    )
+    tv = cmx_loader("torchvision", folder, args)
+    results["cmx torchvision"] = run_rounds(epochs_of(tv), args.images, args.rounds)
+    plain = plain_torchvision(folder, args)
+    results["plain torchvision"] = run_rounds(lambda e: plain, args.images, args.rounds)
+    once = one_time_cost(beton, args)
+
+    f, t = results["cmx ffcv"], results["cmx torchvision"]
+    summary = {
+        "speedup_wall": f["img_per_s"] / t["img_per_s"],
+        "speedup_per_core": t["cpu_ms_per_img"] / f["cpu_ms_per_img"],
+        "speedup_vs_plain_wall": f["img_per_s"] / results["plain torchvision"]["img_per_s"],
+    }
+    env = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "versions": {
+            k: version(k) for k in ("torch", "torchvision", "ffcv", "numba", "pillow", "numpy")
+        },
+        "setup": f"{args.images} JPEGs (300-500 px, q90), batch {args.batch_size}, {args.workers} workers, "
+        f"{args.resolution} px RandomResizedCrop + flip + normalize, {args.rounds} rounds",
+    }
+    print(f"# loader throughput ({env['setup']})")
+    print(f"# {env['machine']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    print(f"{'loader':<20} {'img/s':>8} {'CPU-ms/img':>11}   rounds (img/s)")
+    for name, r in results.items():
+        print(
+            f"{name:<20} {r['img_per_s']:>8.0f} {r['cpu_ms_per_img']:>11.3f}   {r['img_per_s_rounds']}"
+        )
+    print(
+        f"FFCV / torchvision: {summary['speedup_wall']:.2f}x wall, {summary['speedup_per_core']:.2f}x per core "
+        f"({summary['speedup_vs_plain_wall']:.2f}x vs plain torchvision)"
+    )
+    print(
+        f"FFCV one-time cost: import {once['import_s']:.1f} s, build {once['build_s']:.1f} s, first batch "
+        f"(JIT) {once['first_batch_s']:.1f} s; next epoch's first batch {once['second_epoch_first_batch_s']:.2f} s"
+    )
+    ok = summary["speedup_per_core"] >= REQUIRED_SPEEDUP
+    print(
+        f"{'PASS' if ok else 'FAIL'}: per-core speedup {summary['speedup_per_core']:.2f}x (need >= {REQUIRED_SPEEDUP}x)"
+    )
+    out = {"results": results, "summary": summary, "one_time": once, "env": env}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
