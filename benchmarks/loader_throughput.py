@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
 
     import torch
+
     from cmx.home import cmx_home
     from cmx.pipelines.beton import convert_image_folder
 

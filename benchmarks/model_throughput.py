@@ -18,7 +18,6 @@ import copy
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,9 @@ from rich.table import Table
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import machine_info  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "model_throughput.json"
 
 
@@ -59,31 +61,6 @@ class Result:
     speedup_vs_timm: float = 1.0
     compile_s: float | None = None
     step_times_ms: list[float] = field(default_factory=list)
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, threads, versions, GPU name: what the numbers depend on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import timm
-
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "platform": platform.platform(),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    return info
 
 
 def make_models(case: Case) -> tuple[nn.Module, nn.Module]:

@@ -23,13 +23,11 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_throughput.json"
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]  # loader_throughput, train_fixtures
+from machine import machine_info  # noqa: E402
 
 FMNIST_MEAN = (0.286, 0.286, 0.286)
 FMNIST_STD = (0.353, 0.353, 0.353)
@@ -77,34 +76,6 @@ class Timing:
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, threads, versions: what the numbers depend on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "versions": {k: _version(k) for k in ("torch", "torchvision", "timm", "ffcv", "numpy", "numba", "pillow")},
-        "platform": platform.platform(),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 # ----------------------------------------------------------------------------- data
