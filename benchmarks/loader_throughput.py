@@ -39,9 +39,7 @@ def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Pa
     for i in range(n):
         w, h = int(rng.integers(300, 501)), int(rng.integers(300, 501))
         coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        base = np.asarray(
-            Image.fromarray(coarse, "RGB").resize((w, h), Image.Resampling.BICUBIC), np.int16
-        )
+        base = np.asarray(Image.fromarray(coarse, "RGB").resize((w, h), Image.Resampling.BICUBIC), np.int16)
         texture = rng.normal(0, 12, (h, w, 1)).astype(np.int16)
         img = np.clip(base + texture, 0, 255).astype(np.uint8)
         d = root / f"class_{i % classes:02d}"
@@ -58,9 +56,7 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_rounds(
-    make_epoch: Callable[[int], Iterable[Any]], n_images: int, rounds: int
-) -> dict[str, float]:
+def run_rounds(make_epoch: Callable[[int], Iterable[Any]], n_images: int, rounds: int) -> dict[str, float]:
     """One warm-up epoch, then `rounds` timed epochs; medians of img/s and CPU-ms/img."""
     for _ in make_epoch(0):
         pass
@@ -122,9 +118,7 @@ def plain_torchvision(folder: Path, args: argparse.Namespace) -> Any:
         ]
     )
     ds = datasets.ImageFolder(str(folder), transform=tf)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers
-    )
+    return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
 
 
 ONE_TIME = r"""
@@ -204,9 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     results: dict[str, Any] = {}
-    results["cmx ffcv"] = run_rounds(
-        epochs_of(cmx_loader("ffcv", beton, args)), args.images, args.rounds
-    )
+    results["cmx ffcv"] = run_rounds(epochs_of(cmx_loader("ffcv", beton, args)), args.images, args.rounds)
     tv = cmx_loader("torchvision", folder, args)
     results["cmx torchvision"] = run_rounds(epochs_of(tv), args.images, args.rounds)
     plain = plain_torchvision(folder, args)
@@ -221,9 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     env = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-        "versions": {
-            k: version(k) for k in ("torch", "torchvision", "ffcv", "numba", "pillow", "numpy")
-        },
+        "versions": {k: version(k) for k in ("torch", "torchvision", "ffcv", "numba", "pillow", "numpy")},
         "setup": f"{args.images} JPEGs (300-500 px, q90), batch {args.batch_size}, {args.workers} workers, "
         f"{args.resolution} px RandomResizedCrop + flip + normalize, {args.rounds} rounds",
     }
@@ -231,9 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"# {env['machine']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     print(f"{'loader':<20} {'img/s':>8} {'CPU-ms/img':>11}   rounds (img/s)")
     for name, r in results.items():
-        print(
-            f"{name:<20} {r['img_per_s']:>8.0f} {r['cpu_ms_per_img']:>11.3f}   {r['img_per_s_rounds']}"
-        )
+        print(f"{name:<20} {r['img_per_s']:>8.0f} {r['cpu_ms_per_img']:>11.3f}   {r['img_per_s_rounds']}")
     print(
         f"FFCV / torchvision: {summary['speedup_wall']:.2f}x wall, {summary['speedup_per_core']:.2f}x per core "
         f"({summary['speedup_vs_plain_wall']:.2f}x vs plain torchvision)"

@@ -29,8 +29,19 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def space_file(tmp: Path, data: Any, *, name: str, algorithm: str, scheduler: str, trials: int,
-               epochs: int, seed: int, reuse: bool = True, space: dict | None = None) -> Path:
+def space_file(
+    tmp: Path,
+    data: Any,
+    *,
+    name: str,
+    algorithm: str,
+    scheduler: str,
+    trials: int,
+    epochs: int,
+    seed: int,
+    reuse: bool = True,
+    space: dict | None = None,
+) -> Path:
     """One sweep definition; only algorithm/scheduler differ between the compared runs."""
     spec = {
         "name": name,
@@ -111,40 +122,59 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from cmx.pipelines.fashion_mnist import export_fashion_mnist
 
-    data = export_fashion_mnist(REPO / ".cmx-home" / "bench-data" / f"fmnist-{args.per_class}",
-                                limit_per_class=args.per_class, progress=False)
+    data = export_fashion_mnist(
+        REPO / ".cmx-home" / "bench-data" / f"fmnist-{args.per_class}", limit_per_class=args.per_class, progress=False
+    )
     tmp = Path(tempfile.mkdtemp(prefix="cmx-sweep-bench-"))
     console = Console()
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": stdlib_platform.processor() or stdlib_platform.machine(), "cores": os.cpu_count(),
-                    "python": sys.version.split()[0]},
+        "machine": {
+            "cpu": stdlib_platform.processor() or stdlib_platform.machine(),
+            "cores": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
         "args": vars(args),
     }
     if not args.skip_search:
         common = {"trials": args.trials, "epochs": args.epochs, "seed": args.seed}
-        results["asha_tpe"] = run(space_file(tmp, data, name="asha-tpe", algorithm="optuna-tpe",
-                                             scheduler="asha", **common))
-        results["random_full"] = run(space_file(tmp, data, name="random-full", algorithm="random",
-                                                scheduler="none", **common))
+        results["asha_tpe"] = run(
+            space_file(tmp, data, name="asha-tpe", algorithm="optuna-tpe", scheduler="asha", **common)
+        )
+        results["random_full"] = run(
+            space_file(tmp, data, name="random-full", algorithm="random", scheduler="none", **common)
+        )
         a, r = results["asha_tpe"], results["random_full"]
         table = Table(title=f"ASHA+TPE vs random (no early stop), {args.trials} trials × ≤{args.epochs} epochs")
         for col in ("search", "best val/top1 %", "epochs spent", "stopped early", "wall s"):
             table.add_column(col)
         for label, x in (("ASHA + TPE", a), ("random, full budget", r)):
-            table.add_row(label, f"{x['best_top1']:.2f}", str(x["epochs"]), str(x["stopped_early"]), f"{x['wall_s']:.0f}")
+            table.add_row(
+                label, f"{x['best_top1']:.2f}", str(x["epochs"]), str(x["stopped_early"]), f"{x['wall_s']:.0f}"
+            )
         console.print(table)
         results["gap_points"] = r["best_top1"] - a["best_top1"]
         results["epoch_ratio"] = a["epochs"] / r["epochs"]
-        console.print(f"gap to full-budget best: {results['gap_points']:+.2f} points at "
-                      f"{100 * results['epoch_ratio']:.0f}% of its epochs (goal: ≤ 0.5 at ≤ 35%)")
+        console.print(
+            f"gap to full-budget best: {results['gap_points']:+.2f} points at "
+            f"{100 * results['epoch_ratio']:.0f}% of its epochs (goal: ≤ 0.5 at ≤ 35%)"
+        )
     # Overhead: 1-epoch trials so that setup dominates; reuse of actors off vs on.
     over = {}
     for reuse in (False, True):
         label = "reuse" if reuse else "fresh"
-        path = space_file(tmp, data, name=f"overhead-{label}", algorithm="random", scheduler="none",
-                          trials=4, epochs=1, seed=args.seed, reuse=reuse,
-                          space={"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}})
+        path = space_file(
+            tmp,
+            data,
+            name=f"overhead-{label}",
+            algorithm="random",
+            scheduler="none",
+            trials=4,
+            epochs=1,
+            seed=args.seed,
+            reuse=reuse,
+            space={"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+        )
         over[label] = run(path)
     results["overhead"] = over
     table = Table(title="per-trial overhead (4 one-epoch trials, 2 at a time)")

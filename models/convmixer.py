@@ -163,8 +163,7 @@ class MixedDepthwiseConv2d(nn.Module):
         self.kernel_sizes = tuple(kernel_sizes)
         self.split = dim // len(self.kernel_sizes)
         self.convs = nn.ModuleList(
-            nn.Conv2d(self.split, self.split, k, groups=self.split, padding="same")
-            for k in self.kernel_sizes
+            nn.Conv2d(self.split, self.split, k, groups=self.split, padding="same") for k in self.kernel_sizes
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

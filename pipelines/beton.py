@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
 from cmx.errors import ConfigError, DataError
 from cmx.pipelines.images import (
     FolderScan,
@@ -63,12 +64,8 @@ HEADER_TYPE = np.dtype(
     align=True,
 )
 ALLOC_TABLE_TYPE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
-FIELD_DESC_TYPE = np.dtype(
-    [("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True
-)
-IMAGE_META_TYPE = np.dtype(
-    [("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")]
-)
+FIELD_DESC_TYPE = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+IMAGE_META_TYPE = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
 _BYTES_META = np.dtype([("ptr", "<u8"), ("size", "<u8")])
 FIELD_TYPES: dict[int, tuple[str, np.dtype]] = {
     0: ("float", np.dtype("<f8")),
@@ -113,9 +110,7 @@ def read_beton(path: str | Path) -> BetonFile:
     """Parse and bounds-check a `.beton`; one `DataError` for a missing, truncated or foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(
-            f"{path}: file not found", "check the path, or create it with `cmx data convert`"
-        )
+        raise DataError(f"{path}: file not found", "check the path, or create it with `cmx data convert`")
     size = path.stat().st_size
     if size < HEADER_TYPE.itemsize:
         raise _bad(path, f"not an FFCV .beton ({size} bytes, truncated or empty)")
@@ -154,9 +149,7 @@ def read_beton(path: str | Path) -> BetonFile:
         raise _bad(path, "truncated or corrupt (allocation table has a partial entry)")
     metadata = np.fromfile(path, dtype=meta_type, count=num_samples, offset=fields_end)
     alloc = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=alloc_ptr)
-    if alloc.size and (
-        np.any(alloc["ptr"] + alloc["size"] > alloc_ptr) or np.any(alloc["ptr"] < meta_end)
-    ):
+    if alloc.size and (np.any(alloc["ptr"] + alloc["size"] > alloc_ptr) or np.any(alloc["ptr"] < meta_end)):
         raise _bad(path, "corrupt (a data region lies outside the data area)")
     known_ptrs = np.sort(alloc["ptr"])
     for name, kind in fields.items():
@@ -168,9 +161,7 @@ def read_beton(path: str | Path) -> BetonFile:
         if np.any(m["width"] == 0) or np.any(m["height"] == 0):
             raise _bad(path, f"corrupt (field {name!r} has an empty image)")
         pos = np.searchsorted(known_ptrs, m["data_ptr"])
-        if np.any(pos >= known_ptrs.size) or np.any(
-            known_ptrs[np.minimum(pos, known_ptrs.size - 1)] != m["data_ptr"]
-        ):
+        if np.any(pos >= known_ptrs.size) or np.any(known_ptrs[np.minimum(pos, known_ptrs.size - 1)] != m["data_ptr"]):
             raise _bad(
                 path,
                 f"truncated or corrupt (field {name!r}: data missing from the allocation table)",
@@ -210,9 +201,7 @@ def read_sidecar(beton: str | Path) -> dict[str, Any] | None:
     try:
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DataError(
-            f"{p}: unreadable sidecar ({e})", "delete it and re-run `cmx data convert`"
-        ) from None
+        raise DataError(f"{p}: unreadable sidecar ({e})", "delete it and re-run `cmx data convert`") from None
     if not isinstance(data, dict) or not isinstance(data.get("class_names"), list):
         raise DataError(f"{p}: sidecar has no class_names", "re-run `cmx data convert`")
     return data
@@ -294,9 +283,7 @@ def inspect_beton(path: str | Path) -> dict[str, Any]:
             out["image_field"] = name
             out["stored_width"] = _stats(m["width"].astype(np.int64))
             out["stored_height"] = _stats(m["height"].astype(np.int64))
-            out["jpeg_fraction"] = (
-                round(float(np.mean(m["mode"] == IMAGE_MODE_JPG)), 4) if m.size else 0.0
-            )
+            out["jpeg_fraction"] = round(float(np.mean(m["mode"] == IMAGE_MODE_JPG)), 4) if m.size else 0.0
             break
     for key in ("source_width", "source_height", "write_options", "skipped", "source", "created"):
         if key in side:
@@ -344,9 +331,7 @@ def verify_beton(path: str | Path, *, progress: bool = True) -> VerifyReport:
     report = VerifyReport(path, bf.num_samples, 0)
     label_field = _labels_field(bf)
     if label_field is not None and info.num_classes:
-        bad = np.nonzero(
-            (bf.field_values(label_field) < 0) | (bf.field_values(label_field) >= info.num_classes)
-        )[0]
+        bad = np.nonzero((bf.field_values(label_field) < 0) | (bf.field_values(label_field) >= info.num_classes))[0]
         report.errors.extend((int(i), "label out of range") for i in bad)
     sizes = dict(zip(bf.alloc_table["ptr"].tolist(), bf.alloc_table["size"].tolist(), strict=True))
     image_fields = [n for n, k in bf.fields.items() if k == "rgb_image"]
@@ -358,9 +343,7 @@ def verify_beton(path: str | Path, *, progress: bool = True) -> VerifyReport:
                     rec = bf.metadata[name][i]
                     ptr = int(rec["data_ptr"])
                     data = np.asarray(mm[ptr : ptr + sizes[ptr]])
-                    problem = _decode_sample(
-                        data, int(rec["mode"]), int(rec["width"]), int(rec["height"])
-                    )
+                    problem = _decode_sample(data, int(rec["mode"]), int(rec["width"]), int(rec["height"]))
                     if problem:
                         report.errors.append((i, f"{name}: {problem}"))
                 report.decoded += 1
@@ -381,9 +364,7 @@ def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[
         return
     from tqdm import tqdm
 
-    bar = tqdm(
-        total=total, desc=description, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False
-    )
+    bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
         yield bar.update
     finally:
@@ -431,9 +412,7 @@ def _make_writer_class() -> type:
         on_progress: Callable[[int], None] = staticmethod(lambda n: None)
 
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):  # type: ignore[override]
-            ctx = mp.get_context(
-                "fork"
-            )  # FFCV passes shared memory and an allocator by inheritance
+            ctx = mp.get_context("fork")  # FFCV passes shared memory and an allocator by inheritance
             self.num_samples = num_samples
             self.prepare()
             procs: list[Any] = []
@@ -457,9 +436,7 @@ def _make_writer_class() -> type:
                     *extra_worker_args,
                 )
                 procs = [
-                    ctx.Process(
-                        target=_guarded_worker, args=(errors, work_fn, *worker_args), daemon=True
-                    )
+                    ctx.Process(target=_guarded_worker, args=(errors, work_fn, *worker_args), daemon=True)
                     for _ in range(self.num_workers)
                 ]
                 for p in procs:
@@ -491,9 +468,7 @@ def _make_writer_class() -> type:
             except queue.Empty:
                 code = dead[0].exitcode if dead else 0
                 message = f"a writer process stopped (exit code {code})"
-            raise DataError(
-                f"{self.fname}: FFCV writer failed: {message}", "fix the input and re-run"
-            )
+            raise DataError(f"{self.fname}: FFCV writer failed: {message}", "fix the input and re-run")
 
         def _watch(self, procs: list[Any], errors: Any, done_number: Any, total: int) -> None:
             previous, last_change = 0, time.monotonic()
@@ -654,9 +629,7 @@ def convert_image_folder(
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit}: must be >= 1")
     if out.exists() and not overwrite:
-        raise DataError(
-            f"{out}: already exists", "pass --overwrite to replace it, or choose another name"
-        )
+        raise DataError(f"{out}: already exists", "pass --overwrite to replace it, or choose another name")
     if out.is_dir():
         raise DataError(f"{out}: is a directory", "give a file name such as train.beton")
     workers = max(1, workers or os.cpu_count() or 1)
@@ -673,15 +646,11 @@ def convert_image_folder(
             "fix or delete it, or drop --strict to skip",
         )
     if not good:
-        raise DataError(
-            f"{src}: none of the {len(chosen)} images could be read", "check the folder's files"
-        )
+        raise DataError(f"{src}: none of the {len(chosen)} images could be read", "check the folder's files")
     for c in (c for _, c in good):
         w, h = _resized(c.width, c.height, max_resolution)
         if max(w, h) > 65535:
-            raise DataError(
-                f"{c.path}: {w}x{h} is too large for FFCV (max side 65535)", "pass --max-resolution"
-            )
+            raise DataError(f"{c.path}: {w}x{h} is too large for FFCV (max side 65535)", "pass --max-resolution")
     stored = [_resized(c.width, c.height, max_resolution) for _, c in good]
     max_bytes = max(w * h * 3 for w, h in stored)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -701,9 +670,7 @@ def convert_image_folder(
         )
         written = read_beton(tmp)  # the finished file must parse before it gets its real name
         if written.num_samples != len(good):
-            raise DataError(
-                f"{out}: wrote {written.num_samples} samples, expected {len(good)}", "re-run"
-            )
+            raise DataError(f"{out}: wrote {written.num_samples} samples, expected {len(good)}", "re-run")
         counts = dict.fromkeys(scan.class_names, 0)
         for (_, label), _ in good:
             counts[scan.class_names[label]] += 1

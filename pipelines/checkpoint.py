@@ -128,8 +128,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: not a cmx checkpoint (missing keys)")
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
-            f"{file}: checkpoint format {state['format_version']} is newer than this cmx "
-            f"({FORMAT_VERSION})",
+            f"{file}: checkpoint format {state['format_version']} is newer than this cmx ({FORMAT_VERSION})",
             "upgrade cmx",
         )
     return state

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from cmx.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -31,9 +32,7 @@ CLASS_LABELS = (
     "Bag",
     "Ankle boot",
 )
-CLASS_DIRS = tuple(
-    f"{i}_{name.lower().replace('/', '_').replace(' ', '_')}" for i, name in enumerate(CLASS_LABELS)
-)
+CLASS_DIRS = tuple(f"{i}_{name.lower().replace('/', '_').replace(' ', '_')}" for i, name in enumerate(CLASS_LABELS))
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -113,11 +112,10 @@ def _select(labels: np.ndarray, limit_per_class: int | None) -> np.ndarray:
     return np.nonzero(keep)[0]
 
 
-def _write_folder(
-    out: Path, images: np.ndarray, labels: np.ndarray, idx: np.ndarray, progress: bool
-) -> None:
-    from cmx.pipelines.beton import _progress
+def _write_folder(out: Path, images: np.ndarray, labels: np.ndarray, idx: np.ndarray, progress: bool) -> None:
     from PIL import Image
+
+    from cmx.pipelines.beton import _progress
 
     for name in CLASS_DIRS:
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -181,9 +179,7 @@ def export_fashion_mnist(
                 q.unlink(missing_ok=True)
     for p in (train_dir, val_dir, train_beton, val_beton):
         if p.exists():
-            raise DataError(
-                f"{p}: already exists and is not a cmx export", "choose an empty directory"
-            )
+            raise DataError(f"{p}: already exists and is not a cmx export", "choose an empty directory")
     src = source_dir()
     counts = {}
     for split, folder in (("train", train_dir), ("val", val_dir)):

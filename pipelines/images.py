@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from cmx.errors import DataError
 from PIL import Image, ImageFile, ImageOps
+
+from cmx.errors import DataError
 
 # Transparent pixels are composited onto white: what a viewer shows, and deterministic (the RGB
 # values under alpha=0 are arbitrary, often black, in PNGs written by common tools).
@@ -27,9 +28,7 @@ _16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 def image_extensions() -> frozenset[str]:
     """File extensions (lower case, with dot) of every format PIL can open."""
     Image.init()
-    return frozenset(
-        ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
-    )
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,7 @@ def find_classes(root: str | Path) -> list[str]:
     """Sorted class folder names, as torchvision's `ImageFolder` (hidden folders are skipped)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(
-            f"{root}: image folder not found", "pass a folder laid out as ROOT/<class>/<image>"
-        )
+        raise DataError(f"{root}: image folder not found", "pass a folder laid out as ROOT/<class>/<image>")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(
@@ -148,9 +145,7 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(
-            f"{path}: unreadable image ({reason})", "replace or delete the file"
-        ) from None
+        raise DataError(f"{path}: unreadable image ({reason})", "replace or delete the file") from None
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+
 from cmx.config import DataConfig
 from cmx.errors import ConfigError, DataError
 
@@ -93,10 +94,7 @@ def check_pipeline_order(path: str | Path, pipelines: dict[str, list[Any]]) -> N
 
     reader = Reader(str(path))
     # PipelineSpec pops the decoder off the list it is given: hand it copies.
-    specs = {
-        name: PipelineSpec(name, decoder=None, transforms=list(ops))
-        for name, ops in pipelines.items()
-    }
+    specs = {name: PipelineSpec(name, decoder=None, transforms=list(ops)) for name, ops in pipelines.items()}
     f_ix = {name: i for i, name in enumerate(reader.handlers)}
     graph = Graph(specs, reader.handlers, f_ix, reader.metadata, None)
     graph.collect_requirements()  # sets each TransformNode's `jitted` from its declared state
@@ -144,9 +142,7 @@ def subset_indices(n: int, limit: int | None) -> np.ndarray:
     return evenly_spaced(n, limit)
 
 
-def random_erase_(
-    images: torch.Tensor, p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_erase_(images: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image random erasing in place (torchvision's boxes, value 0 = the mean colour)."""
     import torch
 
@@ -255,9 +251,7 @@ def _guarded_epoch_iterator_class() -> type:
             slots = self.loader.batches_ahead + 2
             try:
                 # FFCV calls Compiler.set_num_threads here, which also sets torch's thread count.
-                numba.set_num_threads(
-                    max(1, min(self.loader.num_workers, numba.config.NUMBA_NUM_THREADS))
-                )
+                numba.set_num_threads(max(1, min(self.loader.num_workers, numba.config.NUMBA_NUM_THREADS)))
                 for b_ix, ixes in enumerate(self.iter_ixes):
                     slot = self.current_batch_slot
                     self.current_batch_slot = (slot + 1) % slots
@@ -341,6 +335,7 @@ class FFCVLoader(_Base):
     def __init__(self, path: Path, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         import torch
+
         from cmx.pipelines.beton import dataset_info, read_beton
 
         cfg = self.cfg
@@ -366,9 +361,7 @@ class FFCVLoader(_Base):
             # pads like DistributedSampler, counting some samples twice).
             indices = all_indices[self.rank :: self.world_size]
         if indices.size == 0:
-            raise DataError(
-                f"{path}: no samples for rank {self.rank}", "use fewer processes or more data"
-            )
+            raise DataError(f"{path}: no samples for rank {self.rank}", "use fewer processes or more data")
         res = self.resolution(self._epoch)
         mean = np.array(cfg.mean) * 255
         std = np.array(cfg.std) * 255
@@ -450,12 +443,8 @@ class FFCVLoader(_Base):
             )
             self._iterator_cls = _guarded_epoch_iterator_class()
         if self._normalize_in_torch:
-            self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(
-                1, 3, 1, 1
-            )
-            self._inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).view(
-                1, 3, 1, 1
-            )
+            self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+            self._inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self._ffcv)
@@ -487,13 +476,9 @@ class FFCVLoader(_Base):
                     break
                 images, labels = batch
                 # Labels: a fresh contiguous int64 (N,) tensor (FFCV's is a (N, 1) view of a reused buffer).
-                labels = (
-                    labels.reshape(-1).to(torch.int64, copy=True).to(self.device, non_blocking=True)
-                )
+                labels = labels.reshape(-1).to(torch.int64, copy=True).to(self.device, non_blocking=True)
                 if self._normalize_in_torch:
-                    images = (
-                        images.float() - self._mean
-                    ) * self._inv_std  # new tensor, channels_last kept
+                    images = (images.float() - self._mean) * self._inv_std  # new tensor, channels_last kept
                 elif self.clone:
                     images = images.clone(memory_format=torch.channels_last)
                 yield self._augment_batch(images), labels
@@ -551,8 +536,9 @@ class FFCVCenterCrop:
 
 
 def _folder_dataset_class() -> type:
-    from cmx.pipelines.images import find_classes, load_rgb, scan_image_folder
     from torchvision.datasets import ImageFolder
+
+    from cmx.pipelines.images import find_classes, load_rgb, scan_image_folder
 
     class CmxImageFolder(ImageFolder):
         """`ImageFolder` with cmx's class list, file order and RGB conversion (as the writer)."""
@@ -596,9 +582,7 @@ class TorchvisionLoader(_Base):
 
         cfg = self.cfg
         if not path.is_dir():
-            hint = (
-                "torchvision reads ImageFolder directories; use data.backend=ffcv for .beton files"
-            )
+            hint = "torchvision reads ImageFolder directories; use data.backend=ffcv for .beton files"
             raise DataError(f"{path}: not a directory", hint)
         build = _folder_dataset_class()
         self._crop_holder = _CropHolder(self._make_crop(self.resolution(self._epoch)))
@@ -633,9 +617,7 @@ class TorchvisionLoader(_Base):
                 c = aug.color_jitter
                 steps.append(T.ColorJitter(brightness=c, contrast=c, saturation=c))
             if aug.randaugment:
-                steps.append(
-                    T.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude)
-                )
+                steps.append(T.RandAugment(num_ops=aug.randaugment_ops, magnitude=aug.randaugment_magnitude))
         steps.append(T.PILToTensor())  # uint8: 4x less to move between processes than float
         return T.Compose(steps)
 
@@ -685,9 +667,7 @@ class TorchvisionLoader(_Base):
         if hasattr(self._sampler, "set_epoch"):
             self._sampler.set_epoch(epoch)
         for images, labels in self._dataloader:
-            images = images.to(self.device, non_blocking=self._pin).contiguous(
-                memory_format=torch.channels_last
-            )
+            images = images.to(self.device, non_blocking=self._pin).contiguous(memory_format=torch.channels_last)
             images = (images.float() - self._mean) * self._inv_std
             labels = labels.to(self.device, dtype=torch.int64, non_blocking=self._pin).contiguous()
             yield self._augment_batch(images), labels
@@ -727,9 +707,7 @@ def build_loader(
         raise ConfigError(f"split {split!r}: expected 'train' or 'val'")
     raw = cfg.train_path if split == "train" else cfg.val_path
     if not raw:
-        raise ConfigError(
-            f"data.{split}_path is not set", f"set data.{split}_path to a .beton or ImageFolder"
-        )
+        raise ConfigError(f"data.{split}_path is not set", f"set data.{split}_path to a .beton or ImageFolder")
     from cmx.pipelines.data_cache import local_data_path
 
     # With data.cache_dir set, shared (NFS / s3://) data is read from a node-local copy.

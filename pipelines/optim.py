@@ -50,9 +50,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-def create_optimizer(
-    model: nn.Module, cfg: OptimConfig, *, fused: bool = False
-) -> torch.optim.Optimizer:
+def create_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW (the paper's), Adam, or SGD with momentum/nesterov, over `param_groups(model)`.
 
     Adam's `weight_decay` is L2 added to the gradient (torch semantics); AdamW's is decoupled.

@@ -86,9 +86,7 @@ def lr_multiplier(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -
     """The schedule as a function of the 0-based optimiser step: linear warm-up, then the shape
     stretched over the remaining steps."""
     if total_steps < 1:
-        raise ConfigError(
-            "the run has no training steps", "check data.batch_size and the data size"
-        )
+        raise ConfigError("the run has no training steps", "check data.batch_size and the data size")
     warm = warmup_steps(cfg, steps_per_epoch, total_steps)
     shape = _SHAPES[cfg.name](cfg, total_steps - warm)
 
@@ -105,9 +103,7 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR to be stepped after every optimiser step (its state is just the step count)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_multiplier(cfg, total_steps, steps_per_epoch)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps, steps_per_epoch))
 
 
 def lr_curve(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> list[float]:

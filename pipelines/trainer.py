@@ -146,9 +146,7 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError("loop.device=cuda but no CUDA GPU is visible", "use loop.device=cpu")
         if dist.is_distributed():
             # Ray Train and torchrun set the current device (or LOCAL_RANK) per worker.
-            index = (
-                torch.cuda.current_device() if torch.cuda.device_count() == 1 else dist.local_rank()
-            )
+            index = torch.cuda.current_device() if torch.cuda.device_count() == 1 else dist.local_rank()
             torch.cuda.set_device(index)
             return torch.device("cuda", index)
         return torch.device("cuda", torch.cuda.current_device())
@@ -160,9 +158,7 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     loop = config.loop
     device = resolve_device(loop.device)
     if loop.precision == "fp16" and device.type != "cuda":
-        raise ConfigError(
-            "loop.precision=fp16 needs a CUDA GPU (GradScaler)", "use loop.precision=bf16 on CPU"
-        )
+        raise ConfigError("loop.precision=fp16 needs a CUDA GPU (GradScaler)", "use loop.precision=bf16 on CPU")
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[loop.precision]
     threads = loop.threads or default_threads()
     torch.set_num_threads(threads)
@@ -213,9 +209,7 @@ class _TorchFlags:
 
 def _require(path: str | None, key: str) -> str:
     if not path:
-        raise ConfigError(
-            f"{key} is not set", f"set it in the config file or with --set {key}=PATH"
-        )
+        raise ConfigError(f"{key} is not set", f"set it in the config file or with --set {key}=PATH")
     return path
 
 
@@ -224,9 +218,7 @@ def create_train_loader(config: TrainConfig, rt: Runtime) -> Any:
     from cmx.pipelines.loaders import build_loader
 
     _require(config.data.train_path, "data.train_path")
-    return build_loader(
-        config.data, "train", device=str(rt.device), seed=config.loop.seed, distributed=rt.world > 1
-    )
+    return build_loader(config.data, "train", device=str(rt.device), seed=config.loop.seed, distributed=rt.world > 1)
 
 
 def create_val_loader(data: DataConfig, rt: Runtime, seed: int = 0) -> Any:
@@ -315,16 +307,12 @@ def build_parts(config: TrainConfig, rt: Runtime, num_classes: int, steps_per_ep
     """Model, scaler, optimiser, per-step scheduler, EMA and mixup for one run."""
     model, scaler = create_model_and_scaler(config, num_classes, rt)
     optimizer = create_optimizer(model, config.optim, fused=rt.device.type == "cuda")
-    scheduler = build_scheduler(
-        optimizer, config.schedule, config.loop.epochs * steps_per_epoch, steps_per_epoch
-    )
+    scheduler = build_scheduler(optimizer, config.schedule, config.loop.epochs * steps_per_epoch, steps_per_epoch)
     ema = None
     if config.loop.ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        ema = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(config.loop.ema_decay), use_buffers=True
-        )
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.loop.ema_decay), use_buffers=True)
     compiled: nn.Module = torch.compile(model) if config.loop.compile else model  # type: ignore[assignment]
     forward = compiled
     if rt.world > 1:
@@ -381,9 +369,7 @@ class EpochStats:
     bad_loss: float = 0.0
 
 
-def _loss(
-    logits: torch.Tensor, images_targets: torch.Tensor, smoothing: float, soft: bool
-) -> torch.Tensor:
+def _loss(logits: torch.Tensor, images_targets: torch.Tensor, smoothing: float, soft: bool) -> torch.Tensor:
     if soft:  # mixup/cutmix targets: probabilities, smoothing already applied by timm's Mixup
         return torch.sum(-images_targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
     return F.cross_entropy(logits.float(), images_targets, label_smoothing=smoothing)
@@ -456,9 +442,7 @@ def train_loop(
 
 
 @torch.no_grad()
-def val_loop(
-    model: nn.Module, loader: Any, rt: Runtime, *, channels_last: bool = True
-) -> dict[str, float]:
+def val_loop(model: nn.Module, loader: Any, rt: Runtime, *, channels_last: bool = True) -> dict[str, float]:
     """Loss, top-1 and top-5 (percent) over this rank's shard, summed across ranks."""
     model.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -505,9 +489,7 @@ class RunState:
         """Record this epoch; True when `key` improved (strictly) on the best so far."""
         value = metrics[key]
         better = M.MODES[key] == "max"
-        improved = self.best_value is None or (
-            value > self.best_value if better else value < self.best_value
-        )
+        improved = self.best_value is None or (value > self.best_value if better else value < self.best_value)
         if improved and math.isfinite(value):
             self.best_value, self.best_epoch, self.best_metrics = value, self.epoch, dict(metrics)
             self.bad_epochs = 0
@@ -554,8 +536,7 @@ def restore(parts: Parts, ckpt: dict[str, Any], config: TrainConfig, rt: Runtime
     saved_model = ckpt["config"].get("model")
     if saved_model != config.model.model_dump(mode="json"):
         raise CheckpointError(
-            f"the checkpoint's model {saved_model} differs from the config's "
-            f"{config.model.model_dump(mode='json')}",
+            f"the checkpoint's model {saved_model} differs from the config's {config.model.model_dump(mode='json')}",
             "resume with the run's own config.yaml (only loop/optim/schedule may change)",
         )
     if ckpt.get("num_classes") != parts.num_classes:
@@ -575,9 +556,7 @@ def restore(parts: Parts, ckpt: dict[str, Any], config: TrainConfig, rt: Runtime
             else:  # EMA switched on at resume: start it from the current weights
                 parts.ema.module.load_state_dict(parts.model.state_dict())
     except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint does not fit this run: {str(e).splitlines()[0][:300]}"
-        ) from None
+        raise CheckpointError(f"checkpoint does not fit this run: {str(e).splitlines()[0][:300]}") from None
     per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
     if len(per_rank) == rt.world:
         set_rng_state(per_rank[rt.rank])
@@ -699,9 +678,7 @@ class Display:
 
     def step(self, done: int, loss: float | None) -> None:
         if self.bar is not None:
-            self.bar.update(
-                self.task, completed=done, loss=f"{loss:.4f}" if loss is not None else "-"
-            )
+            self.bar.update(self.task, completed=done, loss=f"{loss:.4f}" if loss is not None else "-")
 
     def stop_bar(self) -> None:
         if self.bar is not None:
@@ -737,14 +714,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def epoch_metrics(
-    stats: EpochStats, val: dict[str, float], seconds: float, rt: Runtime
-) -> dict[str, float]:
+def epoch_metrics(stats: EpochStats, val: dict[str, float], seconds: float, rt: Runtime) -> dict[str, float]:
     """The reported metrics, reduced across ranks: sums for samples, max for time and memory."""
     sums = dist.all_reduce({"loss": stats.loss_sum, "n": float(stats.samples)})
-    worst = dist.all_reduce(
-        {"train_s": stats.seconds, "epoch_s": seconds, "mem": peak_memory_mb(rt.device)}, "max"
-    )
+    worst = dist.all_reduce({"train_s": stats.seconds, "epoch_s": seconds, "mem": peak_memory_mb(rt.device)}, "max")
     return {
         M.TRAIN_LOSS: sums["loss"] / max(sums["n"], 1.0),
         **val,
@@ -803,11 +776,7 @@ def train(
         result = TrainResult(
             status=status,
             epochs_completed=state.epoch,
-            final_metrics={
-                k: v
-                for k, v in (state.history[-1] if state.history else {}).items()
-                if k != M.EPOCH
-            },
+            final_metrics={k: v for k, v in (state.history[-1] if state.history else {}).items() if k != M.EPOCH},
             best_metrics={k: v for k, v in state.best_metrics.items() if k != M.EPOCH},
             history=[dict(h) for h in state.history],
             run_dir=run.root,
@@ -846,9 +815,7 @@ def _run_epochs(
             display.stop_bar()
             last = run.last_dir / CHECKPOINT_FILE
             kept = (
-                f"last good checkpoint: {last} (epoch {state.epoch})"
-                if last.is_file()
-                else "no checkpoint was written"
+                f"last good checkpoint: {last} (epoch {state.epoch})" if last.is_file() else "no checkpoint was written"
             )
             return "diverged", (
                 f"training diverged: the loss became {stats.bad_loss} in epoch {epoch + 1} "
@@ -916,9 +883,7 @@ def evaluate(
     try:
         saved = TrainConfig.model_validate(state["config"])
     except ValidationError as e:
-        raise CheckpointError(
-            f"{checkpoint}: its config no longer validates ({e.errors()[0]['msg']})"
-        ) from None
+        raise CheckpointError(f"{checkpoint}: its config no longer validates ({e.errors()[0]['msg']})") from None
     path = str(Path(data_path).expanduser())
     if not Path(path).exists():
         raise DataError(f"{path}: not found", "pass a .beton file or an ImageFolder directory")
@@ -927,14 +892,8 @@ def evaluate(
     if batch_size is not None:
         data["val_batch_size"] = batch_size
     loop = saved.loop.model_dump()
-    precision = (
-        "fp32"
-        if loop["precision"] == "fp16" and not torch.cuda.is_available()
-        else loop["precision"]
-    )
-    loop.update(
-        device=device, threads=threads, compile=False, deterministic=False, precision=precision
-    )
+    precision = "fp32" if loop["precision"] == "fp16" and not torch.cuda.is_available() else loop["precision"]
+    loop.update(device=device, threads=threads, compile=False, deterministic=False, precision=precision)
     config = TrainConfig.model_validate({**saved.model_dump(), "data": data, "loop": loop})
     with _TorchFlags():
         rt = setup_runtime(config)
@@ -954,11 +913,7 @@ def evaluate(
         model = build_model(config, state["num_classes"])
         weights = state["model"]
         if use_ema and state.get("ema"):
-            weights = {
-                k.removeprefix("module."): v
-                for k, v in state["ema"].items()
-                if k.startswith("module.")
-            }
+            weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
         model.load_state_dict(weights)
         model.to(rt.device, memory_format=_memory_format(config))
         out = val_loop(model, loader, rt, channels_last=config.loop.channels_last)

@@ -51,9 +51,7 @@ def data() -> None:
     show_default=True,
     help="raw pixels, JPEG, JPEG for large images (smart), or a random share as JPEG.",
 )
-@click.option(
-    "--jpeg-quality", type=click.IntRange(1, 100), default=DEFAULT_JPEG_QUALITY, show_default=True
-)
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=DEFAULT_JPEG_QUALITY, show_default=True)
 @click.option(
     "--compress-probability",
     type=click.FloatRange(0, 1),
@@ -75,9 +73,7 @@ def data() -> None:
     metavar="N",
     help="Convert only N images, spread evenly over the classes (quick runs).",
 )
-@click.option(
-    "--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it."
-)
+@click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(
@@ -148,10 +144,7 @@ def inspect_command(file: Path, as_json: bool) -> None:
     if "source_width" in info:
         w, h = info["source_width"], info["source_height"]
         click.echo(f"source size: width {w['min']}-{w['max']}, height {h['min']}-{h['max']}")
-    click.echo(
-        f"classes: {info['num_classes']}"
-        + ("" if info["sidecar"] else " (no sidecar: names are indices)")
-    )
+    click.echo(f"classes: {info['num_classes']}" + ("" if info["sidecar"] else " (no sidecar: names are indices)"))
     for name, count in info["class_counts"].items():
         click.echo(f"  {count:>8}  {name}")
     if info.get("skipped"):
@@ -193,12 +186,8 @@ def builtin() -> None:
     help="Export only the first N images of each class (per split).",
 )
 @click.option("--no-beton", is_flag=True, help="Only the ImageFolders, no .beton files.")
-@click.option(
-    "--workers", type=click.IntRange(1), default=None, metavar="N", help="Writer processes."
-)
-def fashion_mnist(
-    dir: Path | None, limit_per_class: int | None, no_beton: bool, workers: int | None
-) -> None:
+@click.option("--workers", type=click.IntRange(1), default=None, metavar="N", help="Writer processes.")
+def fashion_mnist(dir: Path | None, limit_per_class: int | None, no_beton: bool, workers: int | None) -> None:
     """Export Fashion-MNIST (Debian dataset-fashion-mnist) to DIR/train, DIR/val, *.beton.
 
     DIR defaults to $CMX_HOME/data/fashion-mnist.
@@ -215,9 +204,7 @@ def fashion_mnist(
         workers=workers,
     )
     verb = "already complete" if res.skipped else "exported"
-    click.echo(
-        f"{verb}: {res.root} ({res.num_train} train / {res.num_val} val, {len(res.class_names)} classes)"
-    )
+    click.echo(f"{verb}: {res.root} ({res.num_train} train / {res.num_val} val, {len(res.class_names)} classes)")
     click.echo(f"  folders: {res.train_dir}  {res.val_dir}")
     if res.train_beton:
         click.echo(f"  betons:  {res.train_beton}  {res.val_beton}")

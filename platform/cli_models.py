@@ -77,7 +77,14 @@ def models() -> None:
 
 
 @models.command("list")
-@click.option("--filter", "pattern", default="*", show_default=True, metavar="GLOB", help="Only names matching this shell pattern.")
+@click.option(
+    "--filter",
+    "pattern",
+    default="*",
+    show_default=True,
+    metavar="GLOB",
+    help="Only names matching this shell pattern.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_command(pattern: str, as_json: bool) -> None:
     """List registered variants with params and GFLOPs at their default resolution."""
@@ -119,7 +126,13 @@ def list_command(pattern: str, as_json: bool) -> None:
     metavar="KEY=VALUE",
     help="Override a constructor argument; VALUE is YAML, e.g. kernel_size=[[3,5,7,9],9,9,9].",
 )
-@click.option("--resolution", type=click.IntRange(min=1), default=None, metavar="PX", help="Input size for GFLOPs [default: the variant's].")
+@click.option(
+    "--resolution",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="PX",
+    help="Input size for GFLOPs [default: the variant's].",
+)
 @click.option("--layers", is_flag=True, help="Also print one row per block.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def info_command(name: str, sets: tuple[str, ...], resolution: int | None, layers: bool, as_json: bool) -> None:

@@ -12,25 +12,52 @@ from cmx.errors import ConfigError
 
 
 @click.group(invoke_without_command=True)
-@click.option("--space", "space_path", type=click.Path(path_type=Path), metavar="FILE",
-              help="Search-space YAML (see docs/search-space.md).")
-@click.option("--address", envvar="RAY_ADDRESS", metavar="auto|HOST:PORT",
-              help="Join a running Ray cluster instead of starting a local one.")
+@click.option(
+    "--space",
+    "space_path",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Search-space YAML (see docs/search-space.md).",
+)
+@click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    metavar="auto|HOST:PORT",
+    help="Join a running Ray cluster instead of starting a local one.",
+)
 @click.option("--name", help="Sweep name (default: the file's `name:` or its stem).")
 @click.option("--resume", "resume_name", metavar="NAME", help="Continue an interrupted sweep by name.")
 @click.option("--fresh", is_flag=True, help="Discard an existing sweep of the same name and start over.")
 @click.option("--storage", metavar="PATH", help="Override storage.path (local, NFS or s3://).")
 @click.option("--samples", type=int, metavar="N", help="Override search.num_samples.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override any key of the file, e.g. --set base.loop.epochs=2.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any key of the file, e.g. --set base.loop.epochs=2.",
+)
 @click.option("--dry-run", is_flag=True, help="Validate, show the plan and sample configs; start nothing.")
-@click.option("--tracking-uri", metavar="URI",
-              help="MLflow store (http://server, sqlite:///file.db) [default: the file's tracking.uri, else "
-                   "$MLFLOW_TRACKING_URI, else sqlite under $CMX_HOME/mlflow].")
+@click.option(
+    "--tracking-uri",
+    metavar="URI",
+    help="MLflow store (http://server, sqlite:///file.db) [default: the file's tracking.uri, else "
+    "$MLFLOW_TRACKING_URI, else sqlite under $CMX_HOME/mlflow].",
+)
 @click.pass_context
-def sweep(ctx: click.Context, space_path: Path | None, address: str | None, name: str | None,
-          resume_name: str | None, fresh: bool, storage: str | None, samples: int | None,
-          overrides: tuple[str, ...], dry_run: bool, tracking_uri: str | None) -> None:
+def sweep(
+    ctx: click.Context,
+    space_path: Path | None,
+    address: str | None,
+    name: str | None,
+    resume_name: str | None,
+    fresh: bool,
+    storage: str | None,
+    samples: int | None,
+    overrides: tuple[str, ...],
+    dry_run: bool,
+    tracking_uri: str | None,
+) -> None:
     """Run a Ray Tune + Optuna sweep over the ConvMixer design space."""
     if ctx.invoked_subcommand is not None:
         return
@@ -47,7 +74,11 @@ def sweep(ctx: click.Context, space_path: Path | None, address: str | None, name
         extra.append(f"tracking.uri={tracking_uri}")
     if resume_name:
         space_path = _saved_spec_path(resume_name, storage)
-        source_text = (space_path.parent / "cmx-space.yaml").read_text() if (space_path.parent / "cmx-space.yaml").exists() else space_path.read_text()
+        source_text = (
+            (space_path.parent / "cmx-space.yaml").read_text()
+            if (space_path.parent / "cmx-space.yaml").exists()
+            else space_path.read_text()
+        )
     elif space_path is None:
         raise click.UsageError("give --space FILE (or --resume NAME); see `cmx sweep --help`")
     else:
@@ -85,8 +116,11 @@ def _print_plan(spec: Any, address: str | None) -> None:
         table.add_row(key, dist.model_dump_json(exclude={"type"}).replace('"', "") + f"  ({dist.type})")
     console.print(table)
     r = spec.resources
-    per_trial = (f"{r.cpus:g} CPU, {r.gpus:g} GPU" if r.workers == 1 else
-                 f"{r.workers} workers × ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU)")
+    per_trial = (
+        f"{r.cpus:g} CPU, {r.gpus:g} GPU"
+        if r.workers == 1
+        else f"{r.workers} workers × ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU)"
+    )
     if address is None:
         plan = plan_resources(spec, [local_capacity()])
         fits = f"{concurrency(spec, plan)} at once on this machine"
@@ -127,21 +161,24 @@ def _run(spec: Any, source_text: str, address: str | None, fresh: bool) -> None:
         from cmx.sweep import concurrency
 
         verb = "resuming" if resumed else "starting"
-        console.print(f"[bold]{verb} sweep {spec.name}[/] ({spec.search.num_samples} trials, "
-                      f"{spec.search.algorithm}, {spec.scheduler.name}) → {concurrency(spec, plan)} at a time")
+        console.print(
+            f"[bold]{verb} sweep {spec.name}[/] ({spec.search.num_samples} trials, "
+            f"{spec.search.algorithm}, {spec.scheduler.name}) → {concurrency(spec, plan)} at a time"
+        )
 
     from cmx.search_space import grid_size
     from cmx.sweep_progress import RichSweepProgress
 
     total = spec.search.num_samples * (grid_size(spec) if spec.search.algorithm == "grid" else 1)
-    callbacks.append(RichSweepProgress(total=total, metric=o.metric, mode=o.mode,
-                                       max_epochs=spec.max_epochs, console=console))
-    outcome = run_sweep(spec, source_text=source_text, address=address, fresh=fresh,
-                        callbacks=callbacks, on_start=on_start)
+    callbacks.append(
+        RichSweepProgress(total=total, metric=o.metric, mode=o.mode, max_epochs=spec.max_epochs, console=console)
+    )
+    outcome = run_sweep(
+        spec, source_text=source_text, address=address, fresh=fresh, callbacks=callbacks, on_start=on_start
+    )
     show_outcome(outcome, spec)
     if outcome.interrupted:
-        console.print(f"[yellow]interrupted[/]: finished trials are saved. Resume with: "
-                      f"cmx sweep --resume {spec.name}")
+        console.print(f"[yellow]interrupted[/]: finished trials are saved. Resume with: cmx sweep --resume {spec.name}")
         sys.exit(130)
     if outcome.all_failed:
         console.print("[red]every trial failed[/]; see the errors above and the trial logs under " + outcome.path)
@@ -170,7 +207,9 @@ def show_outcome(outcome: Any, spec: Any) -> None:
         for obj in spec.objectives():
             front.add_column(f"{obj.metric} ({obj.mode})")
         for row in outcome.pareto:
-            front.add_row(row["trial_id"], *[f"{row['metrics'].get(x.metric, float('nan')):.4g}" for x in spec.objectives()])
+            front.add_row(
+                row["trial_id"], *[f"{row['metrics'].get(x.metric, float('nan')):.4g}" for x in spec.objectives()]
+            )
         console.print(front)
     if outcome.best_config_path:
         console.print(f"best config: {outcome.best_config_path}  (run: cmx train --config {outcome.best_config_path})")
@@ -214,8 +253,11 @@ def status_command(name: str, storage: str | None) -> None:
     from cmx.sweep import sweep_status
 
     s = sweep_status(_saved_spec_path(name, storage).parent)
-    table = Table(title=f"sweep {s['name']} ({'complete' if s['complete'] else 'incomplete'}): "
-                        + ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())), title_justify="left")
+    table = Table(
+        title=f"sweep {s['name']} ({'complete' if s['complete'] else 'incomplete'}): "
+        + ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())),
+        title_justify="left",
+    )
     for col in ("trial", "status", "epochs", f"best {s['metric']}"):
         table.add_column(col)
     for t in s["trials"]:

@@ -15,30 +15,81 @@ from cmx.errors import ConfigError, TrainingDiverged
 
 
 @click.command("train")
-@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-              metavar="YAML", help="Run config (relative data paths are relative to this file).")
-@click.option("--preset", metavar="NAME",
-              help="Start from a published recipe (imagenet, cifar10, step-adam); YAML and --set override it.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override any config key, e.g. --set optim.lr=0.01 (repeatable).")
-@click.option("--run-dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
-              help="Where the run is written  [default: $CMX_HOME/runs/<name>-<time>]")
-@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, file_okay=False), metavar="RUN_DIR",
-              help="Continue a run from its last checkpoint (with its own config plus --set).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Data-parallel workers (Ray Train); 1 runs in this process without Ray.")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="GPUs per data-parallel worker (NCCL); 0 trains on CPUs (gloo).")
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), metavar="N",
-              help="CPUs per data-parallel worker  [default: CPUs / workers]")
-@click.option("--max-failures", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Worker-group restarts from the last checkpoint before giving up.")
-@click.option("--address", envvar="RAY_ADDRESS", metavar="auto|HOST:PORT",
-              help="Ray cluster for --workers > 1 (default: a local Ray).")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show the per-epoch progress line and bar.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", metavar="URI",
-              help="MLflow store (http://server, sqlite:///file.db)  [default: sqlite under $CMX_HOME/mlflow]")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="YAML",
+    help="Run config (relative data paths are relative to this file).",
+)
+@click.option(
+    "--preset",
+    metavar="NAME",
+    help="Start from a published recipe (imagenet, cifar10, step-adam); YAML and --set override it.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any config key, e.g. --set optim.lr=0.01 (repeatable).",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="Where the run is written  [default: $CMX_HOME/runs/<name>-<time>]",
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="RUN_DIR",
+    help="Continue a run from its last checkpoint (with its own config plus --set).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Data-parallel workers (Ray Train); 1 runs in this process without Ray.",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="GPUs per data-parallel worker (NCCL); 0 trains on CPUs (gloo).",
+)
+@click.option(
+    "--cpus-per-worker",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="N",
+    help="CPUs per data-parallel worker  [default: CPUs / workers]",
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Worker-group restarts from the last checkpoint before giving up.",
+)
+@click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    metavar="auto|HOST:PORT",
+    help="Ray cluster for --workers > 1 (default: a local Ray).",
+)
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show the per-epoch progress line and bar."
+)
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    metavar="URI",
+    help="MLflow store (http://server, sqlite:///file.db)  [default: sqlite under $CMX_HOME/mlflow]",
+)
 @click.option("--tracking/--no-tracking", default=True, show_default=True, help="Record the run in MLflow.")
 def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ...], run_dir: Path | None,
           resume_dir: Path | None, workers: int, gpus_per_worker: float, cpus_per_worker: float | None,
@@ -100,7 +151,7 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
 
 def build_config(path: Path | None, preset: str | None, overrides: tuple[str, ...] | list[str]) -> Any:
     """Defaults -> preset -> YAML file (its relative data paths resolved against the file) -> --set."""
-    from cmx.config import TrainConfig, apply_overrides, load_yaml, validate_config
+    from cmx.config import TrainConfig, apply_overrides, load_yaml, resolve_data_paths, validate_config
     from cmx.pipelines.presets import merge
     from cmx.pipelines.presets import preset as get_preset
 
@@ -112,18 +163,6 @@ def build_config(path: Path | None, preset: str | None, overrides: tuple[str, ..
     apply_overrides(data, list(overrides))
     source = str(path) if path else (f"preset {preset}" if preset else "--set")
     return validate_config(TrainConfig, data, source)
-
-
-def resolve_data_paths(data: dict[str, Any], root: Path) -> None:
-    """Make `data.train_path` / `data.val_path` absolute, relative to the config file's folder."""
-    section = data.get("data")
-    if not isinstance(section, dict):
-        return
-    for key in ("train_path", "val_path"):
-        value = section.get(key)
-        if isinstance(value, str) and value:
-            p = Path(os.path.expandvars(value)).expanduser()
-            section[key] = str(p if p.is_absolute() else (root / p).resolve())
 
 
 def default_run_dir(name: str, output_dir: str | None) -> Path:
@@ -168,8 +207,14 @@ def history_table(history: list[dict[str, float]], best_key: str, max_rows: int 
 
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path), metavar="CHECKPOINT")
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), metavar="PATH",
-              help="A .beton file (FFCV) or an ImageFolder directory (torchvision).")
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="A .beton file (FFCV) or an ImageFolder directory (torchvision).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), metavar="N", help="Validation batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-ema", is_flag=True, help="Use the raw weights even when the checkpoint has EMA weights.")

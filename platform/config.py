@@ -7,6 +7,7 @@ and the dotted key, and say how to fix it.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -297,9 +298,13 @@ def _input_path(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
     out: list[Any] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (
+            isinstance(node, dict)
+            and part in node
+            or isinstance(node, list)
+            and isinstance(part, int)
+            and part < len(node)
+        ):
             node = node[part]
         elif isinstance(node, dict) and part not in node and out and isinstance(node.get("type"), str):
             continue  # a discriminated-union tag such as `int` in space.model.depth.int
@@ -326,6 +331,19 @@ def validate_config(cls: type[T], data: dict[str, Any], source: str) -> T:
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         raise ConfigError(f"{source}: {key}: {msg}{shown}", "fix the value and re-run") from None
+
+
+def resolve_data_paths(config: dict[str, Any], root: Path) -> None:
+    """Make a config's relative `data.train_path` / `data.val_path` absolute against `root`, the folder of
+    the file they were written in (trials run elsewhere). `$VARS` and `~` expand; URIs stay as they are."""
+    section = config.get("data")
+    if not isinstance(section, dict):
+        return
+    for key in ("train_path", "val_path"):
+        value = section.get(key)
+        if isinstance(value, str) and value and "://" not in value:
+            p = Path(os.path.expandvars(value)).expanduser()
+            section[key] = str(p if p.is_absolute() else (root / p).resolve())
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -54,9 +54,26 @@ def compile_rule(rule: str) -> ast.Expression:
                 raise ValueError(f"{rule!r}: only {', '.join(_FUNCS)} may be called")
         elif not isinstance(
             node,
-            (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.UAdd,
-             ast.BinOp, ast.Compare, ast.Constant, ast.Name, ast.Attribute, ast.Load, ast.List,
-             ast.Tuple, *_BINOPS, *_CMPOPS),
+            (
+                ast.Expression,
+                ast.BoolOp,
+                ast.And,
+                ast.Or,
+                ast.UnaryOp,
+                ast.Not,
+                ast.USub,
+                ast.UAdd,
+                ast.BinOp,
+                ast.Compare,
+                ast.Constant,
+                ast.Name,
+                ast.Attribute,
+                ast.Load,
+                ast.List,
+                ast.Tuple,
+                *_BINOPS,
+                *_CMPOPS,
+            ),
         ):
             raise ValueError(f"{rule!r}: {type(node).__name__} is not allowed in a rule")
     return tree

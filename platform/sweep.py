@@ -200,9 +200,8 @@ def build_searcher(spec: SweepSpec) -> Any:
     """OptunaSearch for optuna-*/random; None for grid (Tune's own variant generator)."""
     if spec.search.algorithm == "grid":
         return None
-    from ray.tune.search.optuna import OptunaSearch
-
     import optuna
+    from ray.tune.search.optuna import OptunaSearch
 
     from cmx.search_space import encode_params, make_sampler, optuna_space
 
@@ -450,8 +449,10 @@ def summarise(spec: SweepSpec, grid: Any, path: str) -> SweepOutcome:
         outcome.trials.append(row)
         value = _best_of_trial(result, objective.metric, objective.mode)
         row["best"] = value
-        if row["status"] in ("completed", "stopped early") and value is not None and (
-            best_row is None or _better(value, best_row["best"], objective.mode)
+        if (
+            row["status"] in ("completed", "stopped early")
+            and value is not None
+            and (best_row is None or _better(value, best_row["best"], objective.mode))
         ):
             best_row, best_result = row, result
     outcome.trials.sort(key=lambda r: _sort_key(r, objective.mode))
@@ -549,8 +550,14 @@ def sweep_status(path: str | Path) -> dict[str, Any]:
         best = (max(values) if objective.mode == "max" else min(values)) if values else None
         error = (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists()
         status = _trial_status(spec, last, "error" if error else None) if rows or error else "pending"
-        trials.append({"trial_id": trial_dir.name.removeprefix("trial_"), "status": status,
-                       "epochs": int(last.get("training_iteration", 0) or 0), "best": best})
+        trials.append(
+            {
+                "trial_id": trial_dir.name.removeprefix("trial_"),
+                "status": status,
+                "epochs": int(last.get("training_iteration", 0) or 0),
+                "best": best,
+            }
+        )
     counts: dict[str, int] = {}
     for t in trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1

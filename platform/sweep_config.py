@@ -19,6 +19,7 @@ from cmx.config import (
     apply_overrides,
     get_dotted,
     load_yaml,
+    resolve_data_paths,
     validate_config,
 )
 from cmx.errors import ConfigError
@@ -107,9 +108,7 @@ class GridDist(StrictModel):
         return v
 
 
-Distribution = Annotated[
-    IntDist | FloatDist | LogUniformDist | ChoiceDist | GridDist, Field(discriminator="type")
-]
+Distribution = Annotated[IntDist | FloatDist | LogUniformDist | ChoiceDist | GridDist, Field(discriminator="type")]
 
 # ------------------------------------------------------------------ sections
 
@@ -231,11 +230,11 @@ def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepS
     if isinstance(base, str):
         base_path = (path.parent / base).resolve()
         data["base"] = load_yaml(base_path)
-        _resolve_relative_data_paths(data["base"], base_path.parent)
+        resolve_data_paths(data["base"], base_path.parent)
     elif base is None:
         raise ConfigError(f"{path}: missing key 'base'", "add the training config trials start from")
     elif isinstance(base, dict):
-        _resolve_relative_data_paths(base, path.parent)
+        resolve_data_paths(base, path.parent)
     apply_overrides(data, overrides)
     spec = validate_config(SweepSpec, data, str(path))
     if spec.name is None:
@@ -245,17 +244,6 @@ def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepS
     check_space_paths(spec, str(path))
     check_constraints_parse(spec, str(path))
     return spec
-
-
-def _resolve_relative_data_paths(base: dict[str, Any], root: Path) -> None:
-    """Data paths in a config file are relative to that file (trials run elsewhere)."""
-    data = base.get("data")
-    if not isinstance(data, dict):
-        return
-    for key in ("train_path", "val_path"):
-        value = data.get(key)
-        if isinstance(value, str) and "://" not in value and not Path(value).expanduser().is_absolute():
-            data[key] = str((root / value).resolve())
 
 
 def check_space_paths(spec: SweepSpec, source: str) -> None:

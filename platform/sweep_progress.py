@@ -48,8 +48,10 @@ class RichSweepProgress(tune.Callback):
 
     def _refresh(self) -> None:
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "best —"
-        text = (f"running {len(self.running)} · done {self.done} · stopped early {self.stopped} · "
-                f"failed {self.failed} · {best}")
+        text = (
+            f"running {len(self.running)} · done {self.done} · stopped early {self.stopped} · "
+            f"failed {self.failed} · {best}"
+        )
         self._live().update(self.task, description=text, completed=self.done + self.stopped + self.failed)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -46,9 +46,7 @@ def make_clean_folder(root: Path) -> Path:
                 rgba.putalpha(Image.fromarray(alpha, "L"))
                 rgba.save(d / f"{name}_{k}_rgba.png")
             else:
-                img.convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(
-                    d / f"{name}_{k}_pal.png"
-                )
+                img.convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(d / f"{name}_{k}_pal.png")
     return root
 
 

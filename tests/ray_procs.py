@@ -46,4 +46,3 @@ def kill_ray_started_with(tmp: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"Ray processes {pids} survived SIGKILL")
         time.sleep(0.2)
-

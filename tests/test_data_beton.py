@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import CLASSES, make_clean_folder, make_dirty_folder
+
 from cmx.errors import ConfigError, DataError
 from cmx.pipelines.beton import (
     convert_image_folder,
@@ -19,7 +21,6 @@ from cmx.pipelines.beton import (
     write_beton,
 )
 from cmx.pipelines.images import scan_image_folder
-from data_fixtures import CLASSES, make_clean_folder, make_dirty_folder
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,9 +33,7 @@ def dirty(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def converted(dirty, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("out") / "set.beton"
-    report = convert_image_folder(
-        dirty[0], out, write_mode="raw", max_resolution=None, workers=2, progress=False
-    )
+    report = convert_image_folder(dirty[0], out, write_mode="raw", max_resolution=None, workers=2, progress=False)
     return report
 
 
@@ -67,9 +66,7 @@ def test_labels_equal_folder_classes_and_raw_pixels_equal_pil(converted, dirty) 
     for i, (path, _) in enumerate(readable):
         rec = bf.field_values("image")[i]
         ptr = int(rec["data_ptr"])
-        stored = np.asarray(mm[ptr : ptr + sizes[ptr]]).reshape(
-            int(rec["height"]), int(rec["width"]), 3
-        )
+        stored = np.asarray(mm[ptr : ptr + sizes[ptr]]).reshape(int(rec["height"]), int(rec["width"]), 3)
         np.testing.assert_array_equal(stored, load_rgb_array(path), err_msg=str(path))
 
 
@@ -104,16 +101,11 @@ def test_inspect_verify_and_info(converted) -> None:
 
 def test_jpeg_mode_limit_and_resize(dirty, tmp_path: Path) -> None:
     out = tmp_path / "small.beton"
-    rep = convert_image_folder(
-        dirty[0], out, write_mode="jpg", max_resolution=24, limit=6, workers=1, progress=False
-    )
+    rep = convert_image_folder(dirty[0], out, write_mode="jpg", max_resolution=24, limit=6, workers=1, progress=False)
     assert rep.num_samples <= 6 and len(rep.class_names) == 3
     assert all(c > 0 for c in rep.class_counts.values())  # the subset spans every class
     info = inspect_beton(out)
-    assert (
-        info["jpeg_fraction"] == 1.0
-        and max(info["stored_width"]["max"], info["stored_height"]["max"]) <= 24
-    )
+    assert info["jpeg_fraction"] == 1.0 and max(info["stored_width"]["max"], info["stored_height"]["max"]) <= 24
     assert verify_beton(out, progress=False).ok
 
 
@@ -161,9 +153,7 @@ class _Samples:
         return img, i % 2
 
 
-@pytest.mark.parametrize(
-    ("bad", "message"), [("float", "uint8"), ("gray", "shape"), ("missing", "deleted")]
-)
+@pytest.mark.parametrize(("bad", "message"), [("float", "uint8"), ("gray", "shape"), ("missing", "deleted")])
 def test_writer_failure_is_an_error_within_seconds(tmp_path: Path, bad: str, message: str) -> None:
     out = tmp_path / "w.beton"
     start = time.monotonic()
@@ -204,9 +194,7 @@ def _corruptions(good: bytes) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize(
-    "kind", ["empty", "text", "truncated_tail", "truncated_half", "header_only", "missing"]
-)
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated_tail", "truncated_half", "header_only", "missing"])
 def test_bad_beton_is_one_clear_error(converted, tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"{kind}.beton"
     if kind != "missing":

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from data_fixtures import make_dirty_folder
+
 from cmx import cli_data
 from cmx.pipelines import beton
-from data_fixtures import make_dirty_folder
 
 CMX = str(Path(sys.executable).parent / "cmx")
 pytestmark = pytest.mark.timeout(300)
@@ -19,9 +20,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def cmx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run(
-        [CMX, "data", *args], capture_output=True, text=True, timeout=240, env=full_env
-    )
+    return subprocess.run([CMX, "data", *args], capture_output=True, text=True, timeout=240, env=full_env)
 
 
 def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -70,10 +69,7 @@ def test_convert_inspect_verify(tmp_path: Path) -> None:
 
     out = cmx("inspect", str(out_file))
     assert out.returncode == 0 and "12 samples" in out.stdout
-    assert (
-        all(f"{c}" in out.stdout for c in ("cat", "dog", "emu"))
-        and "image (rgb_image)" in out.stdout
-    )
+    assert all(f"{c}" in out.stdout for c in ("cat", "dog", "emu")) and "image (rgb_image)" in out.stdout
     info = json.loads(cmx("inspect", str(out_file), "--json").stdout)
     assert info["class_counts"] == {"cat": 4, "dog": 4, "emu": 4}
 
@@ -96,9 +92,7 @@ def test_bad_files_give_one_line(tmp_path: Path, content: bytes) -> None:
     for command in ("inspect", "verify"):
         one_line_error(cmx(command, str(path)), str(path), "not an FFCV .beton")
     one_line_error(cmx("inspect", str(tmp_path / "missing.beton")), "file not found")
-    one_line_error(
-        cmx("convert", str(tmp_path / "nope"), str(tmp_path / "y.beton")), "image folder not found"
-    )
+    one_line_error(cmx("convert", str(tmp_path / "nope"), str(tmp_path / "y.beton")), "image folder not found")
 
 
 def test_builtin_fashion_mnist_small_and_idempotent(tmp_path: Path) -> None:
@@ -107,9 +101,7 @@ def test_builtin_fashion_mnist_small_and_idempotent(tmp_path: Path) -> None:
 
     if not (source_dir() / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("dataset-fashion-mnist is not installed")
-    out = cmx(
-        "builtin", "fashion-mnist", str(tmp_path / "fm"), "--limit-per-class", "3", "--workers", "1"
-    )
+    out = cmx("builtin", "fashion-mnist", str(tmp_path / "fm"), "--limit-per-class", "3", "--workers", "1")
     assert out.returncode == 0, out.stderr
     assert "exported" in out.stdout and "30 train / 30 val, 10 classes" in out.stdout
     info = dataset_info(tmp_path / "fm" / "train.beton")

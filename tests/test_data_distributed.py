@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import make_square_folder
+
 from cmx.pipelines.beton import convert_image_folder, evenly_spaced
 from cmx.pipelines.images import load_rgb_array, scan_image_folder
-from data_fixtures import make_square_folder
 
 WORKER = r"""
 import hashlib, json, sys
@@ -54,9 +55,7 @@ dist.destroy_process_group()
 def test_two_gloo_processes_cover_every_sample_exactly_once(tmp_path: Path) -> None:
     folder = make_square_folder(tmp_path / "sq", size=16, per_class=4)  # 12 samples
     beton = tmp_path / "sq.beton"
-    convert_image_folder(
-        folder, beton, write_mode="raw", max_resolution=None, workers=1, progress=False
-    )
+    convert_image_folder(folder, beton, write_mode="raw", max_resolution=None, workers=1, progress=False)
     files = [p for p, _ in scan_image_folder(folder).samples]
     ids = [hashlib.sha1(load_rgb_array(p).tobytes()).hexdigest() for p in files]
     assert len(set(ids)) == 12

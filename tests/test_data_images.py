@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cmx.errors import DataError
-from cmx.pipelines.images import check_image, load_rgb_array, scan_image_folder, to_rgb
 from data_fixtures import CLASSES, make_clean_folder, make_dirty_folder
 from PIL import Image
+
+from cmx.errors import DataError
+from cmx.pipelines.images import check_image, load_rgb_array, scan_image_folder, to_rgb
 
 
 def test_scan_matches_torchvision_imagefolder(tmp_path: Path) -> None:

@@ -89,9 +89,7 @@ def val_pair(data) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tenso
     """The same mixed-size folder through both backends: 20 px crops of 224/256 of the short side."""
     common = {"val_resolution": 20, "val_batch_size": 5, "num_workers": 1}
     ffcv = build_loader(DataConfig(val_path=str(data["clean_jpg"]), **common), "val")
-    tv = build_loader(
-        DataConfig(backend="torchvision", val_path=str(data["clean"]), **common), "val"
-    )
+    tv = build_loader(DataConfig(backend="torchvision", val_path=str(data["clean"]), **common), "val")
     return _all(ffcv), _all(tv)
 
 
@@ -150,9 +148,7 @@ def test_torch_threads_restored_and_early_break_stops_the_thread(progressive_loa
     for _ in progressive_loader:
         assert torch.get_num_threads() == 2
         break
-    leftover = [
-        t for t in threading.enumerate() if t.ident not in before and "Epoch" in type(t).__name__
-    ]
+    leftover = [t for t in threading.enumerate() if t.ident not in before and "Epoch" in type(t).__name__]
     assert not leftover
     assert torch.get_num_threads() == 2
 
@@ -195,9 +191,7 @@ def test_pipeline_order_check_rejects_the_spinning_order(data) -> None:
         labels = [IntDecoder(), ToTensor()]
         check_pipeline_order(data["square_raw"], {"image": good, "label": labels})
         with pytest.raises(ConfigError, match="NormalizeImage after plain ToTensor"):
-            check_pipeline_order(
-                data["square_raw"], {"image": bad, "label": [IntDecoder(), ToTensor()]}
-            )
+            check_pipeline_order(data["square_raw"], {"image": bad, "label": [IntDecoder(), ToTensor()]})
 
 
 def test_torchvision_train_with_strong_augmentation(data) -> None:
@@ -218,9 +212,7 @@ def test_torchvision_train_with_strong_augmentation(data) -> None:
 
 
 def test_grayscale_is_three_channels_and_limit_spans_classes(data) -> None:
-    cfg = DataConfig(
-        backend="torchvision", val_path=str(data["clean"]), val_resolution=8, limit=3, num_workers=0
-    )
+    cfg = DataConfig(backend="torchvision", val_path=str(data["clean"]), val_resolution=8, limit=3, num_workers=0)
     loader = build_loader(cfg, "val")
     x, y = _all(loader)
     assert x.shape == (3, 3, 8, 8) and sorted(y.tolist()) == [0, 1, 2]

@@ -35,7 +35,16 @@ def test_models_list_json_and_filter() -> None:
 
 
 def test_models_info_with_overrides() -> None:
-    args = ["models", "info", "convmixer_tiny", "--set", "kernel_size=[[3,5],5,7,9]", "--set", "model.dim=32", "--layers"]
+    args = [
+        "models",
+        "info",
+        "convmixer_tiny",
+        "--set",
+        "kernel_size=[[3,5],5,7,9]",
+        "--set",
+        "model.dim=32",
+        "--layers",
+    ]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert "dim: 32" in r.output
@@ -60,7 +69,10 @@ def test_models_info_json_counts() -> None:
         (["models", "info", "convmixer_tny"], "unknown model 'convmixer_tny' — did you mean 'convmixer_tiny'?"),
         (["models", "info", "convmixer_tiny", "--set", "dimm=8"], "unknown argument 'dimm' — did you mean 'dim'?"),
         (["models", "info", "convmixer_tiny", "--set", "kernel_size=[3,5]"], "list has 2 entries but depth is 4"),
-        (["models", "info", "convmixer_1536_20", "--resolution", "5"], "patch_size=7 is larger than the input image 5x5"),
+        (
+            ["models", "info", "convmixer_1536_20", "--resolution", "5"],
+            "patch_size=7 is larger than the input image 5x5",
+        ),
     ],
 )
 def test_models_errors_are_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

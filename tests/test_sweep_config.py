@@ -10,9 +10,9 @@ import yaml
 
 from cmx.cli import main
 from cmx.constraints import evaluate_rule
+from cmx.ray_runtime import NodeCapacity
 from cmx.search_space import decode_params, preview
 from cmx.sweep import ResourcePlan, plan_resources
-from cmx.ray_runtime import NodeCapacity
 from cmx.sweep_config import load_sweep_spec
 
 BASE = {
@@ -84,13 +84,25 @@ BAD_CASES = [
     ("unknown top key", with_("serach", {"seed": 1}), "unknown key 'serach'"),
     ("unknown search key", with_("search.num_sampels", 3), "did you mean 'num_samples'"),
     ("unknown base key", with_("base.optim", {"learning_rate": 0.1}), "unknown key 'base.optim.learning_rate'"),
-    ("low > high", with_(("space", "model.depth"), {"type": "int", "low": 8, "high": 2}), "low (8) must be <= high (2)"),
+    (
+        "low > high",
+        with_(("space", "model.depth"), {"type": "int", "low": 8, "high": 2}),
+        "low (8) must be <= high (2)",
+    ),
     ("loguniform low <= 0", with_(("space", "optim.lr"), {"type": "loguniform", "low": 0, "high": 1}), "low > 0"),
     ("empty choice", with_(("space", "schedule.name"), {"type": "choice", "values": []}), "at least one value"),
     ("unknown distribution", with_(("space", "optim.lr"), {"type": "normal", "low": 0, "high": 1}), "space.optim.lr"),
     ("unknown metric", with_("search.metric", "val/acc"), "unknown metric 'val/acc'"),
-    ("unknown space key", with_("space", {"model.dept": {"type": "int", "low": 1, "high": 2}}), "not a training config field"),
-    ("invalid space value", with_("space", {"schedule.name": {"type": "choice", "values": ["cosine", "warp"]}}), "'warp' is invalid"),
+    (
+        "unknown space key",
+        with_("space", {"model.dept": {"type": "int", "low": 1, "high": 2}}),
+        "not a training config field",
+    ),
+    (
+        "invalid space value",
+        with_("space", {"schedule.name": {"type": "choice", "values": ["cosine", "warp"]}}),
+        "'warp' is invalid",
+    ),
     ("missing base", {"space": GOOD["space"]}, "missing key 'base'"),
     ("bad constraint", with_("constraints", ["import os"]), "constraints[0]"),
     ("cpus beyond any node", with_("resources", {"cpus": 512}), "resources.cpus=512"),

@@ -48,8 +48,16 @@ def base_config(data: dict[str, str], *, epochs: int, backend: str = "ffcv") -> 
     }
 
 
-def write_spec(tmp_path: Path, data: dict[str, str], *, name: str, epochs: int = 3, samples: int = 6,
-               backend: str = "ffcv", **sections: dict) -> Path:
+def write_spec(
+    tmp_path: Path,
+    data: dict[str, str],
+    *,
+    name: str,
+    epochs: int = 3,
+    samples: int = 6,
+    backend: str = "ffcv",
+    **sections: dict,
+) -> Path:
     spec = {
         "name": name,
         "base": base_config(data, epochs=epochs, backend=backend),
@@ -125,12 +133,25 @@ def _close(a: object, b: object) -> bool:
 def test_killed_driver_resumes_without_redoing_finished_trials(
     tmp_path: Path, fmnist_tiny: dict[str, str], own_ray_tmp: str
 ) -> None:
-    path = write_spec(tmp_path, fmnist_tiny, name="resume", epochs=3, samples=4,
-                      scheduler={"name": "none"}, search={"max_concurrent": 1})
+    path = write_spec(
+        tmp_path,
+        fmnist_tiny,
+        name="resume",
+        epochs=3,
+        samples=4,
+        scheduler={"name": "none"},
+        search={"max_concurrent": 1},
+    )
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: own_ray_tmp}
     exp = tmp_path / "sweeps" / "resume"
-    proc = subprocess.Popen([CMX, "sweep", "--space", str(path)], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [CMX, "sweep", "--space", str(path)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -172,8 +193,16 @@ def test_lost_node_trial_resumes_from_checkpoint_on_another(tmp_path: Path, fmni
     nodes = [cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
-        path = write_spec(tmp_path, fmnist_tiny, name="nodeloss", epochs=6, samples=2, backend="torchvision",
-                          scheduler={"name": "none"}, resources={"cpus": 1, "max_failures": 3})
+        path = write_spec(
+            tmp_path,
+            fmnist_tiny,
+            name="nodeloss",
+            epochs=6,
+            samples=2,
+            backend="torchvision",
+            scheduler={"name": "none"},
+            resources={"cpus": 1, "max_failures": 3},
+        )
         spec = load_sweep_spec(path)
         exp = tmp_path / "sweeps" / "nodeloss"
         killed: dict[str, str] = {}
@@ -218,9 +247,16 @@ def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny:
 
     init_ray(num_cpus=3)
     try:
-        path = write_spec(tmp_path, fmnist_tiny, name="dp", epochs=3, samples=3, backend="torchvision",
-                          resources={"workers": 2, "cpus_per_worker": 1},
-                          scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3})
+        path = write_spec(
+            tmp_path,
+            fmnist_tiny,
+            name="dp",
+            epochs=3,
+            samples=3,
+            backend="torchvision",
+            resources={"workers": 2, "cpus_per_worker": 1},
+            scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3},
+        )
         spec = load_sweep_spec(path)
         outcome = run_sweep(spec, source_text=path.read_text())
         statuses = [t["status"] for t in outcome.trials]
@@ -237,12 +273,23 @@ def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_says_how_to_resume_and_resume_finishes(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
-    path = write_spec(tmp_path, fmnist_tiny, name="ctrlc", epochs=2, samples=3, backend="torchvision",
-                      scheduler={"name": "none"}, search={"max_concurrent": 1})
+def test_ctrl_c_stops_cleanly_says_how_to_resume_and_resume_finishes(
+    tmp_path: Path, fmnist_tiny: dict[str, str]
+) -> None:
+    path = write_spec(
+        tmp_path,
+        fmnist_tiny,
+        name="ctrlc",
+        epochs=2,
+        samples=3,
+        backend="torchvision",
+        scheduler={"name": "none"},
+        search={"max_concurrent": 1},
+    )
     exp = tmp_path / "sweeps" / "ctrlc"
-    proc = subprocess.Popen([CMX, "sweep", "--space", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [CMX, "sweep", "--space", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(trial_rows(d) for d in exp.glob("trial_*")):
         time.sleep(0.3)
@@ -250,12 +297,21 @@ def test_ctrl_c_stops_cleanly_says_how_to_resume_and_resume_finishes(tmp_path: P
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
     assert "cmx sweep --resume ctrlc" in err
-    listed = subprocess.run([CMX, "sweep", "list", "--storage", str(tmp_path / "sweeps")], capture_output=True,
-                            text=True, timeout=60)
+    listed = subprocess.run(
+        [CMX, "sweep", "list", "--storage", str(tmp_path / "sweeps")], capture_output=True, text=True, timeout=60
+    )
     assert listed.returncode == 0 and "ctrlc" in listed.stdout and "incomplete" in listed.stdout
-    resumed = subprocess.run([CMX, "sweep", "--resume", "ctrlc", "--storage", str(tmp_path / "sweeps")],
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [CMX, "sweep", "--resume", "ctrlc", "--storage", str(tmp_path / "sweeps")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    status = subprocess.run([CMX, "sweep", "status", "ctrlc", "--storage", str(tmp_path / "sweeps")],
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [CMX, "sweep", "status", "ctrlc", "--storage", str(tmp_path / "sweeps")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0 and "complete" in status.stdout and "completed 3" in status.stdout, status.stdout

@@ -99,7 +99,9 @@ def test_optimizer_and_scheduler_states_are_weights_only_safe(tmp_path: Path) ->
     sched.step()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     path = ck.save_checkpoint(
-        _state(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(), rng=ck.rng_state()),
+        _state(
+            optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(), rng=ck.rng_state()
+        ),
         tmp_path / "checkpoint.pt",
     )
     state = ck.load_checkpoint(path)

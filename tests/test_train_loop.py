@@ -146,7 +146,9 @@ def test_divergence_in_the_first_epoch(fmnist_tiny, tmp_path: Path) -> None:  # 
 
 
 def test_early_stopping_with_patience(
-    fmnist_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    fmnist_tiny,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """val/top1 goes 50, 60, 55, 58: with patience 2 the run stops after epoch 4, best = 2."""
     values = iter([50.0, 60.0, 55.0, 58.0, 99.0])
@@ -165,12 +167,12 @@ def test_early_stopping_with_patience(
 
 
 def test_early_stopping_on_a_min_metric(
-    fmnist_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    fmnist_tiny,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     losses = iter([1.0, 0.9, 0.95, 0.91])
-    monkeypatch.setattr(
-        T, "val_loop", lambda *a, **k: {M.VAL_LOSS: next(losses), M.VAL_TOP1: 1.0, M.VAL_TOP5: 1.0}
-    )
+    monkeypatch.setattr(T, "val_loop", lambda *a, **k: {M.VAL_LOSS: next(losses), M.VAL_TOP1: 1.0, M.VAL_TOP5: 1.0})
     cfg = train_config(
         fmnist_tiny, loop={**ONE_THREAD, "epochs": 9, "early_stop_patience": 2, "early_stop_metric": "val/loss"}
     )

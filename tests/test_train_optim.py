@@ -33,9 +33,7 @@ def test_groups_by_module_type() -> None:
     m = Tricky()
     decay, no_decay = param_groups(m, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert _ids(decay["params"]) == _ids(
-        [m.norm.weight, m.proj.weight, m.bias_gain, m.head.weight]
-    )
+    assert _ids(decay["params"]) == _ids([m.norm.weight, m.proj.weight, m.bias_gain, m.head.weight])
     assert _ids(no_decay["params"]) == _ids(
         [m.norm.bias, m.fc.weight, m.fc.bias, m.ln.weight, m.gn.weight, m.gn.bias, m.head.bias]
     )

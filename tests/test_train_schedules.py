@@ -45,9 +45,7 @@ def test_onecycle_matches_torch_onecycle() -> None:
 def test_cosine_matches_cosine_annealing() -> None:
     total = 500
     cfg = ScheduleConfig(name="cosine", min_lr_ratio=0.01)
-    ref = _torch_curve(
-        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total, eta_min=0.01), total
-    )
+    ref = _torch_curve(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total, eta_min=0.01), total)
     np.testing.assert_allclose(lr_curve(cfg, total, 50), ref, rtol=1e-9, atol=1e-12)
 
 
