@@ -185,6 +185,11 @@ def _run(spec: Any, source_text: str, address: str | None, fresh: bool) -> None:
         sys.exit(1)
 
 
+def _short(value: object) -> str:
+    """A parameter for a table cell: floats to 4 significant digits (the full value is in best-config.yaml)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def show_outcome(outcome: Any, spec: Any) -> None:
     """Top trials as a table, then where the best config and checkpoint are."""
     from rich.console import Console
@@ -197,7 +202,7 @@ def show_outcome(outcome: Any, spec: Any) -> None:
         table.add_column(col, overflow="fold")
     for i, row in enumerate(outcome.trials[:10], 1):
         best = "—" if row["best"] is None else f"{row['best']:.4f}"
-        params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in row["params"].items())
+        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in row["params"].items())
         status = row["status"] + (f": {row['error']}" if row.get("error") else "")
         table.add_row(str(i), row["trial_id"], status, str(row["epochs"]), best, params)
     console.print(table)

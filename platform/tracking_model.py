@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,26 @@ class ConvMixerPyfunc(mlflow.pyfunc.PythonModel):
             return self.model(x).numpy()
 
 
+@contextlib.contextmanager
+def _quiet_save() -> Iterator[None]:
+    """No per-file progress bars while MLflow copies the artifacts into the model, and no warning that
+    `python_model` is pickled: it is pickled by reference to `cmx.tracking_model`, an installed module."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        with warnings.catch_warnings():  # the signature is given; an input example would run the model
+            warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
 def build_model_dir(checkpoint_file: Path, out_dir: Path) -> Path:
     """An MLflow pyfunc model directory around a cmx checkpoint, with config, class names and a
     signature (float32 [-1, 3, res, res] -> [-1, num_classes])."""
@@ -63,8 +87,7 @@ def build_model_dir(checkpoint_file: Path, out_dir: Path) -> Path:
     (extra / "config.yaml").write_text(dump_yaml(config))
     (extra / "class_names.json").write_text(json.dumps(list(state.get("class_names") or []), indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
-    with warnings.catch_warnings():  # the signature is given; an input example would run the model
-        warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
+    with _quiet_save():
         mlflow.pyfunc.save_model(
             str(out_dir),
             python_model=ConvMixerPyfunc(),
