@@ -173,7 +173,18 @@ def make_client(uri: str) -> Any:
     """An MlflowClient for the URI (registry on the same store)."""
     configure_http()
     _quiet_mlflow()
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    db = sqlite_path(uri)
+    if db is None:
+        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # Create or upgrade the sqlite schema under a file lock: two processes opening a fresh store at
+    # once (two `cmx train` runs, say) otherwise race through MLflow's migrations and one fails.
+    from filelock import FileLock
+
+    with FileLock(f"{db}.lock", timeout=300):
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    return client
 
 
 def _quiet_mlflow() -> None:
