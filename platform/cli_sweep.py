@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +74,12 @@ def sweep(
     if tracking_uri:
         extra.append(f"tracking.uri={tracking_uri}")
     if resume_name:
+        from cmx.sweep import SOURCE_FILE
+
         space_path = _saved_spec_path(resume_name, storage)
         source_text = (
-            (space_path.parent / "cmx-space.yaml").read_text()
-            if (space_path.parent / "cmx-space.yaml").exists()
+            (space_path.parent / SOURCE_FILE).read_text()
+            if (space_path.parent / SOURCE_FILE).exists()
             else space_path.read_text()
         )
     elif space_path is None:
@@ -91,9 +94,20 @@ def sweep(
 
 
 def _saved_spec_path(name: str, storage: str | None) -> Path:
+    """The saved spec of sweep `name`; from s3:// (or any URI) storage it is copied to a temp folder."""
     from cmx.home import sweeps_dir
-    from cmx.sweep import SPEC_FILE
+    from cmx.storage_files import is_uri, read_text
+    from cmx.sweep import SOURCE_FILE, SPEC_FILE
 
+    if storage and is_uri(storage):
+        folder = f"{storage.rstrip('/')}/{name}"
+        spec_text = read_text(folder, SPEC_FILE)
+        if spec_text is None:
+            raise ConfigError(f"no sweep named {name!r} under {storage} (no {SPEC_FILE})", "check --storage and NAME")
+        local = Path(tempfile.mkdtemp(prefix=f"cmx-{name}-"))
+        (local / SPEC_FILE).write_text(spec_text)
+        (local / SOURCE_FILE).write_text(read_text(folder, SOURCE_FILE) or spec_text)
+        return local / SPEC_FILE
     path = Path(storage or sweeps_dir()) / name / SPEC_FILE
     if not path.exists():
         raise ConfigError(f"no sweep named {name!r} under {path.parent.parent}", "see `cmx sweep list`")
@@ -255,8 +269,14 @@ def status_command(name: str, storage: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from cmx.storage_files import is_uri
     from cmx.sweep import sweep_status
 
+    if storage and is_uri(storage):
+        raise ConfigError(
+            f"cmx sweep status reads a local sweep folder, not {storage}",
+            "run it where the storage is mounted (e.g. the head node), or compare the trials in MLflow",
+        )
     s = sweep_status(_saved_spec_path(name, storage).parent)
     table = Table(
         title=f"sweep {s['name']} ({'complete' if s['complete'] else 'incomplete'}): "

@@ -386,29 +386,25 @@ def _new_tuner(spec: SweepSpec, plan: ResourcePlan, trainable: Any, callbacks: l
 
 
 def _prepare_experiment_dir(spec: SweepSpec, path: str, source_text: str, fresh: bool) -> bool:
-    """Save the spec beside Tune's state; True when an earlier run of this sweep is resumed."""
+    """Save the spec beside Tune's state (local or s3://...); True when an earlier run is resumed."""
     from ray import tune
 
-    local = Path(path) if "://" not in path else None
-    exists = tune.Tuner.can_restore(path)
-    if exists and not fresh:
-        if local is not None and (local / SPEC_FILE).exists():
-            saved = yaml.safe_load((local / SPEC_FILE).read_text())
-            old = SweepSpec.model_validate(saved)
+    from cmx.storage_files import read_text, remove_dir, write_text
+
+    if tune.Tuner.can_restore(path) and not fresh:
+        saved = read_text(path, SPEC_FILE)
+        if saved is not None:
+            old = SweepSpec.model_validate(yaml.safe_load(saved))
             if spec_fingerprint(old) != spec_fingerprint(spec):
                 raise ConfigError(
                     f"sweep {spec.name!r} already exists at {path} with a different search space",
                     "use --name NEW to start another sweep, or --fresh to discard the old one",
                 )
         return True
-    if local is not None:
-        if fresh and local.exists():
-            import shutil
-
-            shutil.rmtree(local)
-        local.mkdir(parents=True, exist_ok=True)
-        (local / SPEC_FILE).write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-        (local / SOURCE_FILE).write_text(source_text)
+    if fresh:
+        remove_dir(path)
+    write_text(path, SPEC_FILE, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    write_text(path, SOURCE_FILE, source_text)
     return False
 
 
