@@ -41,6 +41,8 @@ def space_file(
     seed: int,
     reuse: bool = True,
     space: dict | None = None,
+    grace_period: int = 1,
+    reduction_factor: int = 2,
 ) -> Path:
     """One sweep definition; only algorithm/scheduler differ between the compared runs."""
     spec = {
@@ -73,7 +75,7 @@ def space_file(
             "schedule.name": {"type": "choice", "values": ["onecycle", "cosine"]},
         },
         "search": {"algorithm": algorithm, "seed": seed, "num_samples": trials},
-        "scheduler": {"name": scheduler, "grace_period": 1, "reduction_factor": 2},
+        "scheduler": {"name": scheduler, "grace_period": grace_period, "reduction_factor": reduction_factor},
         "resources": {"cpus": 1, "reuse_actors": reuse},
         "storage": {"path": str(tmp / "sweeps")},
         "tracking": {"enabled": False},
@@ -117,7 +119,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--per-class", type=int, default=300, help="Fashion-MNIST images per class")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    ap.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the top 1/N at each rung")
     ap.add_argument("--skip-search", action="store_true", help="only the overhead part")
+    ap.add_argument("--skip-overhead", action="store_true", help="only the search comparison")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path [default: results/sweep_efficiency.json]")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from cmx.pipelines.fashion_mnist import export_fashion_mnist
@@ -138,8 +144,9 @@ def main() -> None:
     }
     if not args.skip_search:
         common = {"trials": args.trials, "epochs": args.epochs, "seed": args.seed}
+        asha = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
         results["asha_tpe"] = run(
-            space_file(tmp, data, name="asha-tpe", algorithm="optuna-tpe", scheduler="asha", **common)
+            space_file(tmp, data, name="asha-tpe", algorithm="optuna-tpe", scheduler="asha", **common, **asha)
         )
         results["random_full"] = run(
             space_file(tmp, data, name="random-full", algorithm="random", scheduler="none", **common)
@@ -160,31 +167,32 @@ def main() -> None:
             f"{100 * results['epoch_ratio']:.0f}% of its epochs (goal: ≤ 0.5 at ≤ 35%)"
         )
     # Overhead: 1-epoch trials so that setup dominates; reuse of actors off vs on.
-    over = {}
-    for reuse in (False, True):
-        label = "reuse" if reuse else "fresh"
-        path = space_file(
-            tmp,
-            data,
-            name=f"overhead-{label}",
-            algorithm="random",
-            scheduler="none",
-            trials=4,
-            epochs=1,
-            seed=args.seed,
-            reuse=reuse,
-            space={"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
-        )
-        over[label] = run(path)
-    results["overhead"] = over
-    table = Table(title="per-trial overhead (4 one-epoch trials, 2 at a time)")
-    for col in ("actors", "setup before first epoch, median s", "sweep wall s"):
-        table.add_column(col)
-    for label, x in over.items():
-        table.add_row(label, f"{x['overhead_s_median']:.1f}", f"{x['wall_s']:.1f}")
-    console.print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "sweep_efficiency.json"
+    if not args.skip_overhead:
+        over = {}
+        for reuse in (False, True):
+            label = "reuse" if reuse else "fresh"
+            path = space_file(
+                tmp,
+                data,
+                name=f"overhead-{label}",
+                algorithm="random",
+                scheduler="none",
+                trials=4,
+                epochs=1,
+                seed=args.seed,
+                reuse=reuse,
+                space={"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+            )
+            over[label] = run(path)
+        results["overhead"] = over
+        table = Table(title="per-trial overhead (4 one-epoch trials, 2 at a time)")
+        for col in ("actors", "setup before first epoch, median s", "sweep wall s"):
+            table.add_column(col)
+        for label, x in over.items():
+            table.add_row(label, f"{x['overhead_s_median']:.1f}", f"{x['wall_s']:.1f}")
+        console.print(table)
+    out = args.out or RESULTS / "sweep_efficiency.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     console.print(f"wrote {out}")
 
