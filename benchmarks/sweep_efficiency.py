@@ -193,7 +193,7 @@ def main() -> None:
         console.print(table)
     out = args.out or RESULTS / "sweep_efficiency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2, default=str))
     console.print(f"wrote {out}")
 
 
