@@ -1,9 +1,12 @@
 """Training-step throughput of cmx's ConvMixer against timm's, same config and same weights.
 
-One step = forward, cross-entropy, backward, AdamW step. The contenders' steps are interleaved
-(A, B, C, A, B, C, ...) and the median step time is reported, so a neighbour's load on a shared
-machine hits every contender alike. Before timing, the first forward/backward of cmx is compared
-with timm's on the same batch (loss and every gradient) to show the math is the same.
+One step = forward, cross-entropy, backward, AdamW step. On CPU every contender runs twice, in
+two processes: with glibc's allocator as it comes ("default", what a plain timm script gets) and
+with the setting cmx's training applies ("keep", `cmx.pipelines.cpu_allocator`). The steps are
+interleaved across all of them (A, B, C, A, B, C, ...; one process computes at a time) and the
+median step time is reported, so a neighbour's load on a shared machine hits every contender
+alike. Before timing, the first forward/backward of cmx is compared with timm's on the same
+batch (loss and every gradient) to show the math is the same.
 
     .venv/bin/python benchmarks/model_throughput.py                 # CPU: ConvMixer-256/8 at 32 px
     .venv/bin/python benchmarks/model_throughput.py --steps 5 --no-compile
@@ -17,12 +20,14 @@ import argparse
 import copy
 import datetime as dt
 import json
+import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,7 @@ class Case:
     batch: int
     device: str
     amp_bf16: bool = False
+    threads: int | None = None  # torch CPU threads; None: torch's default
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Result:
     """One contender's timings within a case."""
 
     contender: str
+    allocator: str  # "default": glibc as it comes; "keep": cmx's CPU setting (cpu_allocator.py)
     ms_per_step: float
     ms_min: float
     images_per_s: float
@@ -124,50 +131,105 @@ def check_same_math(ref: nn.Module, ours: nn.Module, x: torch.Tensor, y: torch.T
     return diffs
 
 
-def run_case(case: Case, steps: int, warmup: int, compile_model: bool, log: Console) -> dict[str, Any]:
-    """Time every contender on one case; steps are interleaved across contenders."""
+def _contenders(case: Case, compile_model: bool) -> dict[str, Callable[[], float]]:
+    """Every contender's step closure, on the same weights (seed 0) and the same batch."""
     torch.manual_seed(0)
     ref, ours = make_models(case)
     x = torch.randn(case.batch, 3, case.resolution, case.resolution, device=case.device)
     y = torch.randint(0, ours.num_classes, (case.batch,), device=case.device)
-    math = check_same_math(ref, ours, x, y) if not case.amp_bf16 else {}
-
-    contenders: dict[str, nn.Module] = {
+    models: dict[str, nn.Module] = {
         "timm (NCHW, eager)": ref,
         "timm + channels_last (eager)": copy.deepcopy(ref).to(memory_format=torch.channels_last),
         "cmx (eager)": ours,
     }
     if compile_model:
-        contenders["cmx + torch.compile"] = torch.compile(copy.deepcopy(ours))
-    steps_fns = {name: make_step(m, case, x, y) for name, m in contenders.items()}
+        models["cmx + torch.compile"] = torch.compile(copy.deepcopy(ours))
+    return {name: make_step(m, case, x, y) for name, m in models.items()}
 
-    compile_s: dict[str, float] = {}
-    for name, fn in steps_fns.items():
-        t0 = time.perf_counter()
-        for _ in range(max(warmup, 1)):  # the first call compiles
-            fn()
-        if "compile" in name:
-            compile_s[name] = time.perf_counter() - t0
-        log.print(f"  warm-up done: {name} ({time.perf_counter() - t0:.1f} s)")
 
-    times: dict[str, list[float]] = {name: [] for name in steps_fns}
-    load_before = os.getloadavg()
-    for i in range(steps):
-        for name, fn in steps_fns.items():
-            times[name].append(fn())
-        log.print(f"  round {i + 1}/{steps}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()))
-    load_after = os.getloadavg()
+def _worker(conn: Connection, case: Case, allocator: str, compile_model: bool, warmup: int) -> None:
+    """One process per allocator setting; runs the step the parent names, returns its seconds."""
+    if allocator == "keep":
+        from cmx.pipelines.cpu_allocator import keep_freed_memory
+
+        setting = keep_freed_memory()
+        if not setting.applied:
+            raise SystemExit(f"allocator setting not applied: {setting.reason}")
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    steps = _contenders(case, compile_model)
+    conn.send(list(steps))
+    while (msg := conn.recv()) is not None:
+        kind, name = msg
+        if kind == "warmup":
+            t0 = time.perf_counter()
+            for _ in range(max(warmup, 1)):  # the first call compiles
+                steps[name]()
+            conn.send(time.perf_counter() - t0)
+        else:
+            conn.send(steps[name]())
+
+
+def run_case(
+    case: Case, steps: int, warmup: int, compile_model: bool, allocators: tuple[str, ...], log: Console
+) -> dict[str, Any]:
+    """Time every contender under every allocator setting, each setting in its own process.
+
+    Only one process computes at a time (the parent waits for each step), and the steps are
+    interleaved across all (allocator, contender) pairs, so load hits every pair alike.
+    """
+    torch.manual_seed(0)
+    ref, ours = make_models(case)
+    x = torch.randn(case.batch, 3, case.resolution, case.resolution, device=case.device)
+    y = torch.randint(0, ours.num_classes, (case.batch,), device=case.device)
+    math = check_same_math(ref, ours, x, y) if not case.amp_bf16 else {}
+    del ref, ours, x, y
+
+    ctx = mp.get_context("spawn")
+    workers: dict[str, tuple[Any, Connection]] = {}
+    pairs: list[tuple[str, str]] = []
+    warm_s: dict[tuple[str, str], float] = {}
+    try:
+        for allocator in allocators:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, case, allocator, compile_model, warmup), daemon=True)
+            proc.start()
+            workers[allocator] = (proc, parent)
+            for name in parent.recv():
+                parent.send(("warmup", name))
+                warm_s[(allocator, name)] = parent.recv()
+                log.print(f"  warm-up done: {name}, {allocator} allocator ({warm_s[(allocator, name)]:.1f} s)")
+                pairs.append((allocator, name))
+
+        times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+        load_before = os.getloadavg()
+        for i in range(steps):
+            for allocator, name in pairs:
+                conn = workers[allocator][1]
+                conn.send(("step", name))
+                times[(allocator, name)].append(conn.recv())
+            log.print(
+                f"  round {i + 1}/{steps}: "
+                + ", ".join(f"{n} [{a}] {t[-1] * 1e3:.0f} ms" for (a, n), t in times.items())
+            )
+        load_after = os.getloadavg()
+    finally:
+        for proc, conn in workers.values():
+            if proc.is_alive():
+                conn.send(None)
+            proc.join(timeout=30)
 
     results = []
-    for name, ts in times.items():
+    for (allocator, name), ts in times.items():
         med = statistics.median(ts)
         results.append(
             Result(
                 contender=name,
+                allocator=allocator,
                 ms_per_step=med * 1e3,
                 ms_min=min(ts) * 1e3,
                 images_per_s=case.batch / med,
-                compile_s=compile_s.get(name),
+                compile_s=warm_s[(allocator, name)] if "compile" in name else None,
                 step_times_ms=[round(t * 1e3, 1) for t in ts],
             )
         )
@@ -190,11 +252,12 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         " bf16" if c["amp_bf16"] else " fp32"
     )
     table = Table(title=title)
-    for col in ("contender", "img/s", "ms/step (median)", "ms/step (min)", "vs timm", "compile s"):
-        table.add_column(col, justify="left" if col == "contender" else "right")
+    for col in ("contender", "allocator", "img/s", "ms/step (median)", "ms/step (min)", "vs timm", "compile s"):
+        table.add_column(col, justify="left" if col in ("contender", "allocator") else "right")
     for r in report["results"]:
         table.add_row(
             r["contender"],
+            r["allocator"],
             f"{r['images_per_s']:.1f}",
             f"{r['ms_per_step']:.0f}",
             f"{r['ms_min']:.0f}",
@@ -230,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    console = Console()
+    console = Console(width=140)
     report: dict[str, Any] = {
         "benchmark": "model_throughput",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -240,13 +303,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     cases = []
     if not args.skip_cpu:
-        cases.append((Case(args.model, args.resolution, args.batch, "cpu"), args.steps))
+        cases.append((Case(args.model, args.resolution, args.batch, "cpu", threads=args.threads), args.steps))
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         cases.append((Case(args.gpu_model, args.gpu_resolution, args.gpu_batch, "cuda", amp_bf16=True), args.gpu_steps))
     for case, steps in cases:
         console.print(f"[bold]{case.model}[/] @ {case.resolution} px, batch {case.batch} on {case.device}")
-        result = run_case(case, steps, args.warmup, args.compile, console)
+        allocators = ("default", "keep") if case.device == "cpu" else ("default",)
+        result = run_case(case, steps, args.warmup, args.compile, allocators, console)
         report["cases"].append(result)
         print_table(result, console)
 

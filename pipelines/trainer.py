@@ -40,6 +40,7 @@ from cmx.pipelines.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from cmx.pipelines.cpu_allocator import keep_freed_memory
 from cmx.pipelines.optim import create_optimizer
 from cmx.pipelines.schedules import build_scheduler
 
@@ -162,6 +163,8 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[loop.precision]
     threads = loop.threads or default_threads()
     torch.set_num_threads(threads)
+    if device.type == "cpu" and loop.cpu_allocator == "keep":
+        keep_freed_memory()
     if loop.deterministic:
         # cuBLAS needs this workspace setting to be deterministic (CUDA docs, "Reproducibility").
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
