@@ -1,6 +1,7 @@
 """Loader throughput: cmx's FFCV path vs torchvision on the same JPEG folder, in one run.
 
-Same crop size, batch size and worker count for all; several rounds (full epochs), medians.
+Same crop size, batch size and worker count for all; several rounds (full epochs) per contender,
+one contender after the other, medians.
 Reports images/s (wall) and CPU-ms per image (all threads and worker processes), and separately
 the one-time cost of the FFCV path (import + JIT compile of a new Loader). A benchmark, not a test:
 
@@ -56,26 +57,42 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_rounds(make_epoch: Callable[[int], Iterable[Any]], n_images: int, rounds: int) -> dict[str, float]:
-    """One warm-up epoch, then `rounds` timed epochs; medians of img/s and CPU-ms/img."""
-    for _ in make_epoch(0):
-        pass
-    rates, cpu_ms = [], []
+def run_rounds(
+    contenders: dict[str, Callable[[int], Iterable[Any]]], n_images: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """One warm-up epoch each, then `rounds` timed epochs taken in turn (A, B, C, A, B, C, ...);
+    medians of img/s and CPU-ms/img. The script passes one contender at a time: loaders taken in
+    turn within one process disturb each other (two FFCV loaders alive: the raw one's CPU per
+    image doubles; forked DataLoader workers make the parent's pages copy-on-write)."""
+    for make_epoch in contenders.values():
+        for _ in make_epoch(0):
+            pass
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in contenders}
     for r in range(1, rounds + 1):
-        seen = 0
-        c0, t0 = cpu_seconds(), time.perf_counter()
-        for images, _ in make_epoch(r):
-            seen += images.shape[0]
-        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        rates.append(seen / wall)
-        cpu_ms.append(1000 * cpu / seen)
+        for name, make_epoch in contenders.items():
+            seen = 0
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            for images, _ in make_epoch(r):
+                seen += images.shape[0]
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+            rates[name].append(seen / wall)
+            cpu_ms[name].append(1000 * cpu / seen)
     return {
-        "img_per_s": statistics.median(rates),
-        "cpu_ms_per_img": statistics.median(cpu_ms),
-        "img_per_s_rounds": [round(x, 1) for x in rates],
-        "cpu_ms_rounds": [round(x, 3) for x in cpu_ms],
-        "images_per_epoch": n_images,
+        name: {
+            "img_per_s": statistics.median(rates[name]),
+            "cpu_ms_per_img": statistics.median(cpu_ms[name]),
+            "img_per_s_rounds": [round(x, 1) for x in rates[name]],
+            "cpu_ms_rounds": [round(x, 3) for x in cpu_ms[name]],
+            "images_per_epoch": n_images,
+        }
+        for name in contenders
     }
+
+
+def every_epoch(loader: Any) -> Callable[[int], Iterable[Any]]:
+    """epoch -> the same iterable (a plain DataLoader has no epoch to set)."""
+    return lambda _epoch: loader
 
 
 def epochs_of(loader: Any) -> Callable[[int], Iterable[Any]]:
@@ -185,10 +202,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = args.data_dir or cmx_home() / "bench" / "loader"
     folder = make_jpeg_folder(root / f"jpeg-{args.images}", args.images)
     # cmx's default .beton (ffcv-imagenet's settings: longest side 500, half the images stored raw,
-    # the rest JPEG q90) and an all-JPEG one, where FFCV decodes a JPEG per image as torchvision does.
+    # the rest JPEG q90), an all-JPEG one, where FFCV decodes a JPEG per image as torchvision does,
+    # and an all-raw one (no decode at all; several times the disk).
     beton = root / f"jpeg-{args.images}-default.beton"
     beton_jpg = root / f"jpeg-{args.images}.beton"
-    for path, mode in ((beton, "proportion"), (beton_jpg, "jpg")):
+    beton_raw = root / f"jpeg-{args.images}-raw.beton"
+    for path, mode in ((beton, "proportion"), (beton_jpg, "jpg"), (beton_raw, "raw")):
         if not path.exists():
             convert_image_folder(
                 folder,
@@ -201,28 +220,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 progress=False,
             )
 
+    load_before = os.getloadavg()[0]
+    contenders = {
+        "cmx ffcv": lambda: epochs_of(cmx_loader("ffcv", beton, args)),
+        "cmx ffcv (all JPEG)": lambda: epochs_of(cmx_loader("ffcv", beton_jpg, args)),
+        "cmx ffcv (all raw)": lambda: epochs_of(cmx_loader("ffcv", beton_raw, args)),
+        "cmx torchvision": lambda: epochs_of(cmx_loader("torchvision", folder, args)),
+        "plain torchvision": lambda: every_epoch(plain_torchvision(folder, args)),
+    }
     results: dict[str, Any] = {}
-    results["cmx ffcv"] = run_rounds(epochs_of(cmx_loader("ffcv", beton, args)), args.images, args.rounds)
-    results["cmx ffcv (all JPEG)"] = run_rounds(
-        epochs_of(cmx_loader("ffcv", beton_jpg, args)), args.images, args.rounds
-    )
-    tv = cmx_loader("torchvision", folder, args)
-    results["cmx torchvision"] = run_rounds(epochs_of(tv), args.images, args.rounds)
-    plain = plain_torchvision(folder, args)
-    results["plain torchvision"] = run_rounds(lambda e: plain, args.images, args.rounds)
+    for name, make in contenders.items():  # one after the other: see run_rounds
+        results.update(run_rounds({name: make()}, args.images, args.rounds))
     once = one_time_cost(beton, args)
 
     f, j, t = results["cmx ffcv"], results["cmx ffcv (all JPEG)"], results["cmx torchvision"]
+    raw = results["cmx ffcv (all raw)"]
+    sizes_mib = {
+        name: path.stat().st_size / 2**20
+        for name, path in (("default", beton), ("all JPEG", beton_jpg), ("all raw", beton_raw))
+    }
+    sizes_mib["JPEG folder"] = sum(p.stat().st_size for p in folder.rglob("*.jpg")) / 2**20
     summary = {
         "speedup_wall": f["img_per_s"] / t["img_per_s"],
         "speedup_per_core": t["cpu_ms_per_img"] / f["cpu_ms_per_img"],
         "speedup_vs_plain_wall": f["img_per_s"] / results["plain torchvision"]["img_per_s"],
         "all_jpeg_speedup_wall": j["img_per_s"] / t["img_per_s"],
         "all_jpeg_speedup_per_core": t["cpu_ms_per_img"] / j["cpu_ms_per_img"],
+        "all_raw_speedup_wall": raw["img_per_s"] / t["img_per_s"],
+        "all_raw_speedup_per_core": t["cpu_ms_per_img"] / raw["cpu_ms_per_img"],
+        "size_mib": sizes_mib,
     }
     env = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "load_average_1m": os.getloadavg()[0],
+        "load_average_1m_before": load_before,
         "versions": {k: version(k) for k in ("torch", "torchvision", "ffcv", "numba", "pillow", "numpy")},
         "setup": f"{args.images} JPEGs (300-500 px, q90; .beton: cmx default = half raw, half JPEG q90), batch {args.batch_size}, {args.workers} workers, "
         f"{args.resolution} px RandomResizedCrop + flip + normalize, {args.rounds} rounds",
@@ -235,8 +266,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"FFCV / torchvision: {summary['speedup_wall']:.2f}x wall, {summary['speedup_per_core']:.2f}x per core "
         f"({summary['speedup_vs_plain_wall']:.2f}x vs plain torchvision); all-JPEG .beton: "
-        f"{summary['all_jpeg_speedup_wall']:.2f}x wall, {summary['all_jpeg_speedup_per_core']:.2f}x per core"
+        f"{summary['all_jpeg_speedup_wall']:.2f}x wall, {summary['all_jpeg_speedup_per_core']:.2f}x per core; "
+        f"all-raw .beton: {summary['all_raw_speedup_wall']:.2f}x wall, {summary['all_raw_speedup_per_core']:.2f}x per core"
     )
+    print("sizes (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in sizes_mib.items()))
     print(
         f"FFCV one-time cost: import {once['import_s']:.1f} s, build {once['build_s']:.1f} s, first batch "
         f"(JIT) {once['first_batch_s']:.1f} s; next epoch's first batch {once['second_epoch_first_batch_s']:.2f} s"
