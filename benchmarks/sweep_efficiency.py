@@ -121,6 +121,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     ap.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the top 1/N at each rung")
+    ap.add_argument(
+        "--scheduler", default="asha", choices=["asha", "hyperband"], help="early stopping of the TPE search"
+    )
     ap.add_argument("--skip-search", action="store_true", help="only the overhead part")
     ap.add_argument("--skip-overhead", action="store_true", help="only the search comparison")
     ap.add_argument("--out", type=Path, default=None, help="JSON path [default: results/sweep_efficiency.json]")
@@ -146,16 +149,17 @@ def main() -> None:
         common = {"trials": args.trials, "epochs": args.epochs, "seed": args.seed}
         asha = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
         results["asha_tpe"] = run(
-            space_file(tmp, data, name="asha-tpe", algorithm="optuna-tpe", scheduler="asha", **common, **asha)
+            space_file(tmp, data, name="asha-tpe", algorithm="optuna-tpe", scheduler=args.scheduler, **common, **asha)
         )
         results["random_full"] = run(
             space_file(tmp, data, name="random-full", algorithm="random", scheduler="none", **common)
         )
         a, r = results["asha_tpe"], results["random_full"]
-        table = Table(title=f"ASHA+TPE vs random (no early stop), {args.trials} trials × ≤{args.epochs} epochs")
+        searched = {"asha": "ASHA + TPE", "hyperband": "HyperBand + TPE"}[args.scheduler]
+        table = Table(title=f"{searched} vs random (no early stop), {args.trials} trials × ≤{args.epochs} epochs")
         for col in ("search", "best val/top1 %", "epochs spent", "stopped early", "wall s"):
             table.add_column(col)
-        for label, x in (("ASHA + TPE", a), ("random, full budget", r)):
+        for label, x in ((searched, a), ("random, full budget", r)):
             table.add_row(
                 label, f"{x['best_top1']:.2f}", str(x["epochs"]), str(x["stopped_early"]), f"{x['wall_s']:.0f}"
             )
