@@ -57,36 +57,29 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_rounds(
-    contenders: dict[str, Callable[[int], Iterable[Any]]], n_images: int, rounds: int
-) -> dict[str, dict[str, float]]:
-    """One warm-up epoch each, then `rounds` timed epochs taken in turn (A, B, C, A, B, C, ...);
-    medians of img/s and CPU-ms/img. The script passes one contender at a time: loaders taken in
-    turn within one process disturb each other (two FFCV loaders alive: the raw one's CPU per
-    image doubles; forked DataLoader workers make the parent's pages copy-on-write)."""
-    for make_epoch in contenders.values():
-        for _ in make_epoch(0):
-            pass
-    rates: dict[str, list[float]] = {name: [] for name in contenders}
-    cpu_ms: dict[str, list[float]] = {name: [] for name in contenders}
+def run_rounds(make_epoch: Callable[[int], Iterable[Any]], n_images: int, rounds: int) -> dict[str, float]:
+    """One warm-up epoch, then `rounds` timed epochs; medians of img/s and CPU-ms/img.
+
+    Contenders run one after the other, each in its own call: loaders taken in turn within one
+    process disturb each other (two FFCV loaders alive: the raw one's CPU per image doubles;
+    forked DataLoader workers make the parent's pages copy-on-write)."""
+    for _ in make_epoch(0):
+        pass
+    rates, cpu_ms = [], []
     for r in range(1, rounds + 1):
-        for name, make_epoch in contenders.items():
-            seen = 0
-            c0, t0 = cpu_seconds(), time.perf_counter()
-            for images, _ in make_epoch(r):
-                seen += images.shape[0]
-            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-            rates[name].append(seen / wall)
-            cpu_ms[name].append(1000 * cpu / seen)
+        seen = 0
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        for images, _ in make_epoch(r):
+            seen += images.shape[0]
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        rates.append(seen / wall)
+        cpu_ms.append(1000 * cpu / seen)
     return {
-        name: {
-            "img_per_s": statistics.median(rates[name]),
-            "cpu_ms_per_img": statistics.median(cpu_ms[name]),
-            "img_per_s_rounds": [round(x, 1) for x in rates[name]],
-            "cpu_ms_rounds": [round(x, 3) for x in cpu_ms[name]],
-            "images_per_epoch": n_images,
-        }
-        for name in contenders
+        "img_per_s": statistics.median(rates),
+        "cpu_ms_per_img": statistics.median(cpu_ms),
+        "img_per_s_rounds": [round(x, 1) for x in rates],
+        "cpu_ms_rounds": [round(x, 3) for x in cpu_ms],
+        "images_per_epoch": n_images,
     }
 
 
@@ -228,9 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cmx torchvision": lambda: epochs_of(cmx_loader("torchvision", folder, args)),
         "plain torchvision": lambda: every_epoch(plain_torchvision(folder, args)),
     }
-    results: dict[str, Any] = {}
-    for name, make in contenders.items():  # one after the other: see run_rounds
-        results.update(run_rounds({name: make()}, args.images, args.rounds))
+    results = {name: run_rounds(make(), args.images, args.rounds) for name, make in contenders.items()}
     once = one_time_cost(beton, args)
 
     f, j, t = results["cmx ffcv"], results["cmx ffcv (all JPEG)"], results["cmx torchvision"]

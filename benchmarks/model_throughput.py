@@ -131,12 +131,18 @@ def check_same_math(ref: nn.Module, ours: nn.Module, x: torch.Tensor, y: torch.T
     return diffs
 
 
-def _contenders(case: Case, compile_model: bool) -> dict[str, Callable[[], float]]:
-    """Every contender's step closure, on the same weights (seed 0) and the same batch."""
+def seeded_setup(case: Case) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """timm's and cmx's model with the same weights, and one batch: the same in every process."""
     torch.manual_seed(0)
     ref, ours = make_models(case)
     x = torch.randn(case.batch, 3, case.resolution, case.resolution, device=case.device)
     y = torch.randint(0, ours.num_classes, (case.batch,), device=case.device)
+    return ref, ours, x, y
+
+
+def _contenders(case: Case, compile_model: bool) -> dict[str, Callable[[], float]]:
+    """Every contender's step closure, on the same weights (seed 0) and the same batch."""
+    ref, ours, x, y = seeded_setup(case)
     models: dict[str, nn.Module] = {
         "timm (NCHW, eager)": ref,
         "timm + channels_last (eager)": copy.deepcopy(ref).to(memory_format=torch.channels_last),
@@ -178,10 +184,7 @@ def run_case(
     Only one process computes at a time (the parent waits for each step), and the steps are
     interleaved across all (allocator, contender) pairs, so load hits every pair alike.
     """
-    torch.manual_seed(0)
-    ref, ours = make_models(case)
-    x = torch.randn(case.batch, 3, case.resolution, case.resolution, device=case.device)
-    y = torch.randint(0, ours.num_classes, (case.batch,), device=case.device)
+    ref, ours, x, y = seeded_setup(case)
     math = check_same_math(ref, ours, x, y) if not case.amp_bf16 else {}
     del ref, ours, x, y
 

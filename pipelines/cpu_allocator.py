@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 from dataclasses import dataclass
 
 # mallopt() parameters from glibc's <malloc.h>.
@@ -58,7 +57,7 @@ def keep_freed_memory() -> AllocatorSetting:
     version = glibc_version()
     preload = os.environ.get("LD_PRELOAD", "")
     user_env = [name for name in USER_ALLOCATOR_ENV if name in os.environ]
-    if version is None or not sys.platform.startswith("linux"):
+    if version is None:
         _applied = AllocatorSetting(False, "not glibc: the platform's allocator is left as it is")
     elif user_env:
         _applied = AllocatorSetting(False, f"left to the user's {', '.join(user_env)}")
