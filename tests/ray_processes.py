@@ -12,12 +12,14 @@ import json
 import os
 import random
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
 from mlflow_server import free_port
@@ -27,6 +29,34 @@ RAY = str(Path(sys.executable).parent / "ray")
 HEAD_IP = "127.0.0.2"  # loopback, but not rewritten by Ray (see LocalRayCluster._start)
 # Each node would otherwise claim ~30% of RAM for its object store (stack notes).
 OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+WORKER_PORTS = 200  # per node; enough for the few workers a test node ever runs
+# Above Ray's default worker ports (10002-19999, used by any `ray.init()` on this machine).
+FIRST_WORKER_PORT = 20_000
+NAMED_PORT_FLAGS = (
+    "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+)  # fmt: skip
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (bind to port 0, outgoing connections)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing holds `port` on loopback right now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 TAG_ENV = "CMX_TEST_CLUSTER"  # every process of one LocalRayCluster inherits TAG_ENV=<its temp dir>
@@ -75,6 +105,8 @@ class RayNode:
 class LocalRayCluster:
     """A Ray head plus worker nodes as separate processes, all on 127.0.0.1, stopped by pid."""
 
+    _worker_bases: ClassVar[set[int]] = set()  # worker-port blocks handed out in this process
+
     def __init__(self) -> None:
         # Unix socket paths must stay under 107 bytes: a short temp dir of our own.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="cmxc-", dir="/tmp"))
@@ -100,19 +132,35 @@ class LocalRayCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _node_ports(self) -> list[str]:
-        base = random.randrange(30000, 59000, 200)  # a private worker-port range per node
-        nm = free_port()
+        named = {flag: free_port() for flag in NAMED_PORT_FLAGS}
+        base = self._worker_port_base(set(named.values()))
         return [
-            "--node-manager-port", str(nm),
-            "--object-manager-port", str(free_port()),
-            "--min-worker-port", str(base), "--max-worker-port", str(base + 199),
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()),
-            "--metrics-export-port", str(free_port()),
+            *[str(x) for flag, port in named.items() for x in (flag, port)],
+            "--min-worker-port", str(base), "--max-worker-port", str(base + WORKER_PORTS - 1),
             "--object-store-memory", str(OBJECT_STORE_BYTES),
             "--disable-usage-stats",
         ]  # fmt: skip
+
+    def _worker_port_base(self, taken: set[int]) -> int:
+        """Start of a private block of WORKER_PORTS worker ports for one node.
+
+        The block lies between Ray's default worker ports and the kernel's ephemeral range
+        (free_port() and outgoing connections take ports from that range, so nothing else lands
+        in the block later), never overlaps another node's block (of any cluster in this process)
+        or this node's named ports, and is free right now.
+        """
+        low, _ = ephemeral_port_range()
+        top = low if low - FIRST_WORKER_PORT >= 20 * WORKER_PORTS else 65_000
+        candidates = list(range(FIRST_WORKER_PORT, top - WORKER_PORTS, WORKER_PORTS))
+        random.shuffle(candidates)
+        for base in candidates:
+            block = range(base, base + WORKER_PORTS)
+            if base in self._worker_bases or any(p in taken for p in block):
+                continue
+            if all(port_is_free(p) for p in block):
+                self._worker_bases.add(base)
+                return base
+        raise RuntimeError(f"no free block of {WORKER_PORTS} worker ports in {FIRST_WORKER_PORT}-{top}")
 
     def _start(self, name: str, args: list[str], resources: dict[str, float]) -> RayNode:
         ports = self._node_ports()
