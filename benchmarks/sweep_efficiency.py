@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+VAL_TOP1 = "val/top1"  # cmx.metrics.VAL_TOP1, the sweeps' objective
 
 
 def space_file(
@@ -85,6 +87,16 @@ def space_file(
     return path
 
 
+def trial_results(trial_dir: Path) -> list[dict[str, Any]]:
+    """The rows a Tune trial reported, one per epoch (its result.json)."""
+    return [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines() if x.strip()]
+
+
+def val_top1_curve(trial_dir: Path) -> list[float]:
+    """A trial's val top-1 after each epoch."""
+    return [row[VAL_TOP1] for row in trial_results(trial_dir) if VAL_TOP1 in row]
+
+
 def run(path: Path) -> dict[str, Any]:
     """Run one sweep; return best metric, epochs spent, wall time and per-trial overheads."""
     import ray
@@ -99,18 +111,55 @@ def run(path: Path) -> dict[str, Any]:
     ray.shutdown()
     overheads = []
     for t in outcome.trials:
-        rows = [json.loads(x) for x in (Path(t["path"]) / "result.json").read_text().splitlines()]
+        rows = trial_results(Path(t["path"]))
         if rows and "time/epoch_seconds" in rows[0]:
             overheads.append(rows[0]["time_total_s"] - rows[0]["time/epoch_seconds"])
     return {
         "best_top1": max((t["best"] or 0.0) for t in outcome.trials),
         "epochs": sum(t["epochs"] for t in outcome.trials),
+        "epochs_per_trial": [t["epochs"] for t in outcome.trials],
         "trials": len(outcome.trials),
         "stopped_early": sum(t["status"] == "stopped early" for t in outcome.trials),
         "wall_s": wall,
         "overhead_s_median": statistics.median(overheads) if overheads else None,
         "overhead_s_all": overheads,
+        "val_top1_curves": [val_top1_curve(Path(t["path"])) for t in outcome.trials],
     }
+
+
+def average_ranks(values: list[float]) -> np.ndarray:
+    """Ranks 0..n-1 of `values`, ties sharing their mean rank (as Spearman's rho needs)."""
+    x = np.asarray(values, dtype=float)
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
+    for v in np.unique(x):
+        tied = x == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def early_rank_agreement(curves: list[list[float]]) -> list[dict[str, float]]:
+    """How well epoch k's val top-1 ranks full-budget trials by their final one (Spearman's rho),
+    and where the finally best trial stood at epoch k: what a grace period of k epochs can rely on."""
+    full = [c for c in curves if c and len(c) == max(map(len, curves))]
+    final = [c[-1] for c in full]
+    best = int(np.argmax(final))
+    rows = []
+    for k in range(1, len(full[0])):
+        at_k = [c[k - 1] for c in full]
+        rho = float(np.corrcoef(average_ranks(at_k), average_ranks(final))[0, 1])
+        rows.append({"epoch": k, "spearman_rho": rho, "final_best_rank": 1 + sum(v > at_k[best] for v in at_k)})
+    return rows
+
+
+def print_rank_agreement(console: Console, agreement: list[dict[str, float]], trials: int) -> None:
+    """Table of early_rank_agreement's rows."""
+    table = Table(title="full-budget trials: does epoch k rank them as their last epoch does?")
+    for col in ("epoch k", "Spearman rho (epoch k vs last)", "rank at k of the trial best at the end"):
+        table.add_column(col)
+    for row in agreement:
+        table.add_row(str(row["epoch"]), f"{row['spearman_rho']:.2f}", f"{row['final_best_rank']} of {trials}")
+    console.print(table)
 
 
 def main() -> None:
@@ -124,10 +173,36 @@ def main() -> None:
     ap.add_argument(
         "--scheduler", default="asha", choices=["asha", "hyperband"], help="early stopping of the TPE search"
     )
+    ap.add_argument(
+        "--asha-random",
+        action="store_true",
+        help="also run ASHA on random search: the same configs as the full-budget random run, so its gap is "
+        "what early stopping alone costs",
+    )
+    ap.add_argument(
+        "--rank-agreement",
+        type=Path,
+        metavar="EXPERIMENT_DIR",
+        help="only read a finished sweep without early stopping (its trial folders) and print how well each "
+        "epoch ranks its trials; helps pick a grace period",
+    )
     ap.add_argument("--skip-search", action="store_true", help="only the overhead part")
     ap.add_argument("--skip-overhead", action="store_true", help="only the search comparison")
     ap.add_argument("--out", type=Path, default=None, help="JSON path [default: results/sweep_efficiency.json]")
     args = ap.parse_args()
+    console = Console()
+    if args.rank_agreement:
+        curves = [val_top1_curve(d.parent) for d in sorted(args.rank_agreement.glob("*/result.json"))]
+        if len(curves) < 3:
+            sys.exit(
+                f"{args.rank_agreement}: needs the trial folders (*/result.json) of a finished sweep; found {len(curves)}"
+            )
+        agreement = early_rank_agreement(curves)
+        print_rank_agreement(console, agreement, len(curves))
+        if args.out:
+            args.out.write_text(json.dumps({"experiment": str(args.rank_agreement), "val_top1_curves": curves,
+                                            "early_rank_agreement": agreement}, indent=2))  # fmt: skip
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from cmx.pipelines.fashion_mnist import export_fashion_mnist
 
@@ -135,7 +210,6 @@ def main() -> None:
         REPO / ".cmx-home" / "bench-data" / f"fmnist-{args.per_class}", limit_per_class=args.per_class, progress=False
     )
     tmp = Path(tempfile.mkdtemp(prefix="cmx-sweep-bench-"))
-    console = Console()
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {
@@ -154,14 +228,28 @@ def main() -> None:
         results["random_full"] = run(
             space_file(tmp, data, name="random-full", algorithm="random", scheduler="none", **common)
         )
+        early = {"asha": "ASHA", "hyperband": "HyperBand"}[args.scheduler]
+        rows = [(f"{early} + TPE", results["asha_tpe"])]
+        if args.asha_random:
+            results["asha_random"] = run(
+                space_file(
+                    tmp, data, name="asha-random", algorithm="random", scheduler=args.scheduler, **common, **asha
+                )
+            )
+            rows.append((f"{early} + random (same configs)", results["asha_random"]))
         a, r = results["asha_tpe"], results["random_full"]
-        searched = {"asha": "ASHA + TPE", "hyperband": "HyperBand + TPE"}[args.scheduler]
-        table = Table(title=f"{searched} vs random (no early stop), {args.trials} trials × ≤{args.epochs} epochs")
-        for col in ("search", "best val/top1 %", "epochs spent", "stopped early", "wall s"):
+        rows.append(("random, full budget", r))
+        table = Table(title=f"{early} + TPE vs random (no early stop), {args.trials} trials × ≤{args.epochs} epochs")
+        for col in ("search", "best val/top1 %", "gap, points", "epochs spent", "stopped early", "wall s"):
             table.add_column(col)
-        for label, x in ((searched, a), ("random, full budget", r)):
+        for label, x in rows:
             table.add_row(
-                label, f"{x['best_top1']:.2f}", str(x["epochs"]), str(x["stopped_early"]), f"{x['wall_s']:.0f}"
+                label,
+                f"{x['best_top1']:.2f}",
+                f"{r['best_top1'] - x['best_top1']:+.2f}",
+                f"{x['epochs']} ({100 * x['epochs'] / r['epochs']:.0f}%)",
+                str(x["stopped_early"]),
+                f"{x['wall_s']:.0f}",
             )
         console.print(table)
         results["gap_points"] = r["best_top1"] - a["best_top1"]
@@ -170,6 +258,8 @@ def main() -> None:
             f"gap to full-budget best: {results['gap_points']:+.2f} points at "
             f"{100 * results['epoch_ratio']:.0f}% of its epochs (goal: ≤ 0.5 at ≤ 35%)"
         )
+        results["early_rank_agreement"] = early_rank_agreement(r["val_top1_curves"])
+        print_rank_agreement(console, results["early_rank_agreement"], len(r["val_top1_curves"]))
     # Overhead: 1-epoch trials so that setup dominates; reuse of actors off vs on.
     if not args.skip_overhead:
         over = {}
