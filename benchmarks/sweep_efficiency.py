@@ -45,6 +45,7 @@ def space_file(
     space: dict | None = None,
     grace_period: int = 1,
     reduction_factor: int = 2,
+    scheduler_metric: str | None = None,
 ) -> Path:
     """One sweep definition; only algorithm/scheduler differ between the compared runs."""
     spec = {
@@ -77,7 +78,12 @@ def space_file(
             "schedule.name": {"type": "choice", "values": ["onecycle", "cosine"]},
         },
         "search": {"algorithm": algorithm, "seed": seed, "num_samples": trials},
-        "scheduler": {"name": scheduler, "grace_period": grace_period, "reduction_factor": reduction_factor},
+        "scheduler": {
+            "name": scheduler,
+            "grace_period": grace_period,
+            "reduction_factor": reduction_factor,
+            **({"metric": scheduler_metric} if scheduler_metric else {}),
+        },
         "resources": {"cpus": 1, "reuse_actors": reuse},
         "storage": {"path": str(tmp / "sweeps")},
         "tracking": {"enabled": False},
@@ -174,6 +180,11 @@ def main() -> None:
         "--scheduler", default="asha", choices=["asha", "hyperband"], help="early stopping of the TPE search"
     )
     ap.add_argument(
+        "--scheduler-metric",
+        default=None,
+        help="what early stopping ranks trials on (scheduler.metric), e.g. train/loss [default: val/top1]",
+    )
+    ap.add_argument(
         "--asha-random",
         action="store_true",
         help="also run ASHA on random search: the same configs as the full-budget random run, so its gap is "
@@ -221,7 +232,11 @@ def main() -> None:
     }
     if not args.skip_search:
         common = {"trials": args.trials, "epochs": args.epochs, "seed": args.seed}
-        asha = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
+        asha = {
+            "grace_period": args.grace_period,
+            "reduction_factor": args.reduction_factor,
+            "scheduler_metric": args.scheduler_metric,
+        }
         results["asha_tpe"] = run(
             space_file(tmp, data, name="asha-tpe", algorithm="optuna-tpe", scheduler=args.scheduler, **common, **asha)
         )
@@ -229,6 +244,8 @@ def main() -> None:
             space_file(tmp, data, name="random-full", algorithm="random", scheduler="none", **common)
         )
         early = {"asha": "ASHA", "hyperband": "HyperBand"}[args.scheduler]
+        if args.scheduler_metric:
+            early += f" on {args.scheduler_metric}"
         rows = [(f"{early} + TPE", results["asha_tpe"])]
         if args.asha_random:
             results["asha_random"] = run(

@@ -239,7 +239,7 @@ def grid_param_space(spec: SweepSpec) -> dict[str, Any]:
 
 
 def build_scheduler(spec: SweepSpec) -> Any:
-    """ASHA / HyperBand / median stopping on the first objective, in epochs."""
+    """ASHA / HyperBand / median stopping on scheduler.metric (default: the first objective), in epochs."""
     from ray.tune.schedulers import (
         ASHAScheduler,
         FIFOScheduler,
@@ -248,8 +248,8 @@ def build_scheduler(spec: SweepSpec) -> Any:
     )
 
     s = spec.scheduler
-    metric, mode = spec.objectives()[0].metric, spec.objectives()[0].mode
-    common = {"metric": metric, "mode": mode, "time_attr": "training_iteration"}
+    stop_on = spec.stopping_objective()
+    common = {"metric": stop_on.metric, "mode": stop_on.mode, "time_attr": "training_iteration"}
     if s.name == "asha":
         return ASHAScheduler(
             max_t=spec.max_epochs,

@@ -157,6 +157,19 @@ class SchedulerConfig(StrictModel):
     grace_period: int = Field(1, ge=1, description="epochs every trial gets before it may stop")
     reduction_factor: float = Field(3.0, gt=1.0)
     max_epochs: int | None = Field(None, ge=1, description="default: base.loop.epochs")
+    metric: str | None = Field(
+        None, description="what trials are compared on at each rung; default: the search's (first) objective"
+    )
+    mode: Literal["max", "min"] | None = Field(None, description="default: the direction `metric` improves in")
+
+    @model_validator(mode="after")
+    def _check(self) -> SchedulerConfig:
+        per_epoch = sorted(m for m in metrics.ALL if m in metrics.MODES)
+        if self.metric is not None and self.metric not in per_epoch:
+            raise ValueError(f"unknown scheduler metric {self.metric!r}; per-epoch metrics: {', '.join(per_epoch)}")
+        if self.mode is not None and self.metric is None:
+            raise ValueError("scheduler.mode needs scheduler.metric (the objective's mode is used otherwise)")
+        return self
 
 
 class ResourcesConfig(StrictModel):
@@ -215,6 +228,13 @@ class SweepSpec(StrictModel):
     def objectives(self) -> list[Objective]:
         """The metrics being optimised (one unless multi-objective)."""
         return self.search.objectives or [Objective(metric=self.search.metric, mode=self.search.mode)]
+
+    def stopping_objective(self) -> Objective:
+        """What the scheduler ranks trials on: scheduler.metric, else the first objective."""
+        s = self.scheduler
+        if s.metric is None:
+            return self.objectives()[0]
+        return Objective(metric=s.metric, mode=s.mode or metrics.MODES[s.metric])
 
 
 # ------------------------------------------------------------------ loading

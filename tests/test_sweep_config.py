@@ -93,6 +93,8 @@ BAD_CASES = [
     ("empty choice", with_(("space", "schedule.name"), {"type": "choice", "values": []}), "at least one value"),
     ("unknown distribution", with_(("space", "optim.lr"), {"type": "normal", "low": 0, "high": 1}), "space.optim.lr"),
     ("unknown metric", with_("search.metric", "val/acc"), "unknown metric 'val/acc'"),
+    ("unknown scheduler metric", with_("scheduler.metric", "val/acc"), "unknown scheduler metric 'val/acc'"),
+    ("scheduler mode alone", with_("scheduler.mode", "min"), "scheduler.mode needs scheduler.metric"),
     (
         "unknown space key",
         with_("space", {"model.dept": {"type": "int", "low": 1, "high": 2}}),
@@ -124,6 +126,20 @@ def test_malformed_input_is_one_clear_line(
     assert str(path) in lines[0] or "resources" in lines[0]
     assert "Traceback" not in err
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_scheduler_ranks_on_its_own_metric(tmp_path: Path) -> None:
+    """scheduler.metric changes what ASHA compares (mode from the metric); the search's objective stays."""
+    from cmx.sweep import build_scheduler
+
+    default = build_scheduler(load_sweep_spec(write(tmp_path, GOOD)))
+    assert (default.metric, default._mode) == ("val/top1", "max")
+    spec = load_sweep_spec(write(tmp_path, with_("scheduler", {"name": "asha", "metric": "train/loss"})))
+    asha = build_scheduler(spec)
+    assert (asha.metric, asha._mode) == ("train/loss", "min")  # Ray keeps mode private
+    assert spec.objectives()[0].metric == "val/top1"
+    explicit = with_("scheduler", {"name": "median", "metric": "val/loss", "mode": "min"})
+    assert build_scheduler(load_sweep_spec(write(tmp_path, explicit))).metric == "val/loss"
 
 
 def test_missing_space_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

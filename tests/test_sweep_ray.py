@@ -255,13 +255,17 @@ def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny:
             samples=3,
             backend="torchvision",
             resources={"workers": 2, "cpus_per_worker": 1},
-            scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3},
+            # ASHA ranks on train loss here (scheduler.metric), the search still on val top-1.
+            scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3, "metric": "train/loss"},
         )
         spec = load_sweep_spec(path)
         outcome = run_sweep(spec, source_text=path.read_text())
         statuses = [t["status"] for t in outcome.trials]
         assert len(statuses) == 3 and "failed" not in statuses, outcome.trials
         assert "stopped early" in statuses, statuses
+        first_loss = {t["path"]: trial_rows(Path(t["path"]))[0]["train/loss"] for t in outcome.trials}
+        stopped = [first_loss[t["path"]] for t in outcome.trials if t["status"] == "stopped early"]
+        assert min(stopped) > min(first_loss.values()), first_loss  # the lowest train loss is never cut
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"] - 1e-6:
