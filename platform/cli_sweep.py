@@ -141,10 +141,13 @@ def _print_plan(spec: Any, address: str | None) -> None:
     else:
         fits = "decided by the cluster's free resources at run time"
     o = spec.objectives()
+    s = spec.stopping_objective()
+    stops_on = "" if spec.scheduler.metric is None else f", ranks trials on {s.mode} {s.metric}"
     console.print(
         f"[bold]search[/] {spec.search.algorithm} (seed {spec.search.seed}), {spec.search.num_samples} trials, "
         f"objective {', '.join(f'{x.mode} {x.metric}' for x in o)}\n"
-        f"[bold]scheduler[/] {spec.scheduler.name}, max {spec.max_epochs} epochs, grace {spec.scheduler.grace_period}\n"
+        f"[bold]scheduler[/] {spec.scheduler.name}, max {spec.max_epochs} epochs, grace {spec.scheduler.grace_period}"
+        f"{stops_on}\n"
         f"[bold]per trial[/] {per_trial}; trials: {fits}\n"
         f"[bold]storage[/] {experiment_path(spec)}"
     )

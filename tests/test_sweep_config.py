@@ -142,6 +142,13 @@ def test_scheduler_ranks_on_its_own_metric(tmp_path: Path) -> None:
     assert build_scheduler(load_sweep_spec(write(tmp_path, explicit))).metric == "val/loss"
 
 
+def test_dry_run_names_the_scheduler_metric(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, with_("scheduler", {"name": "asha", "metric": "train/loss"}))
+    code, out, err = run_cli(["sweep", "--space", str(path), "--dry-run"], capsys)
+    assert code == 0, err
+    assert "ranks trials on min train/loss" in " ".join(out.split()), out
+
+
 def test_missing_space_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["sweep", "--space", str(tmp_path / "nope.yaml")], capsys)
     assert code == 2 and "file not found" in err
