@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as stdlib_platform
 import statistics
 import sys
 import tempfile
@@ -27,8 +26,13 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import machine_info  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 VAL_TOP1 = "val/top1"  # cmx.metrics.VAL_TOP1, the sweeps' objective
+TRAIN_LOSS = "train/loss"  # cmx.metrics.TRAIN_LOSS
+EARLY_METRICS = {VAL_TOP1: 1.0, TRAIN_LOSS: -1.0}  # metric -> sign that makes higher better
 
 
 def space_file(
@@ -98,9 +102,10 @@ def trial_results(trial_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines() if x.strip()]
 
 
-def val_top1_curve(trial_dir: Path) -> list[float]:
-    """A trial's val top-1 after each epoch."""
-    return [row[VAL_TOP1] for row in trial_results(trial_dir) if VAL_TOP1 in row]
+def metric_curves(trial_dir: Path) -> dict[str, list[float]]:
+    """A trial's early-stopping candidates after each epoch: val top-1 and train loss."""
+    rows = trial_results(trial_dir)
+    return {m: [row[m] for row in rows if m in row] for m in EARLY_METRICS}
 
 
 def run(path: Path) -> dict[str, Any]:
@@ -129,7 +134,7 @@ def run(path: Path) -> dict[str, Any]:
         "wall_s": wall,
         "overhead_s_median": statistics.median(overheads) if overheads else None,
         "overhead_s_all": overheads,
-        "val_top1_curves": [val_top1_curve(Path(t["path"])) for t in outcome.trials],
+        "curves": [metric_curves(Path(t["path"])) for t in outcome.trials],
     }
 
 
@@ -144,27 +149,37 @@ def average_ranks(values: list[float]) -> np.ndarray:
     return ranks
 
 
-def early_rank_agreement(curves: list[list[float]]) -> list[dict[str, float]]:
-    """How well epoch k's val top-1 ranks full-budget trials by their final one (Spearman's rho),
-    and where the finally best trial stood at epoch k: what a grace period of k epochs can rely on."""
-    full = [c for c in curves if c and len(c) == max(map(len, curves))]
-    final = [c[-1] for c in full]
+def early_rank_agreement(curves: list[dict[str, list[float]]]) -> dict[str, list[dict[str, float]]]:
+    """Per early-stopping metric (EARLY_METRICS): how well its value at epoch k ranks full-budget
+    trials by their final val top-1 (Spearman's rho), and where the finally best trial stood at
+    epoch k: what a grace period of k epochs on that metric can rely on."""
+    epochs = max(len(c[VAL_TOP1]) for c in curves)
+    full = [c for c in curves if len(c[VAL_TOP1]) == epochs]
+    final = [c[VAL_TOP1][-1] for c in full]
     best = int(np.argmax(final))
-    rows = []
-    for k in range(1, len(full[0])):
-        at_k = [c[k - 1] for c in full]
-        rho = float(np.corrcoef(average_ranks(at_k), average_ranks(final))[0, 1])
-        rows.append({"epoch": k, "spearman_rho": rho, "final_best_rank": 1 + sum(v > at_k[best] for v in at_k)})
-    return rows
+    agreement = {}
+    for metric, sign in EARLY_METRICS.items():
+        rows = []
+        for k in range(1, epochs + 1):  # the last row: how the final value itself ranks them
+            at_k = [sign * c[metric][k - 1] for c in full]
+            rho = float(np.corrcoef(average_ranks(at_k), average_ranks(final))[0, 1])
+            rows.append({"epoch": k, "spearman_rho": rho, "final_best_rank": 1 + sum(v > at_k[best] for v in at_k)})
+        agreement[metric] = rows
+    return agreement
 
 
-def print_rank_agreement(console: Console, agreement: list[dict[str, float]], trials: int) -> None:
-    """Table of early_rank_agreement's rows."""
-    table = Table(title="full-budget trials: does epoch k rank them as their last epoch does?")
-    for col in ("epoch k", "Spearman rho (epoch k vs last)", "rank at k of the trial best at the end"):
-        table.add_column(col)
-    for row in agreement:
-        table.add_row(str(row["epoch"]), f"{row['spearman_rho']:.2f}", f"{row['final_best_rank']} of {trials}")
+def print_rank_agreement(console: Console, agreement: dict[str, list[dict[str, float]]], trials: int) -> None:
+    """Table of early_rank_agreement's rows, one column pair per metric."""
+    table = Table(title=f"{trials} full-budget trials: does epoch k rank them as their final val top-1 does?")
+    table.add_column("epoch k")
+    for metric in agreement:
+        table.add_column(f"{metric}: Spearman rho")
+        table.add_column(f"{metric}: rank of the final best")
+    for i, row in enumerate(next(iter(agreement.values()))):
+        cells = [str(row["epoch"])]
+        for rows in agreement.values():
+            cells += [f"{rows[i]['spearman_rho']:.2f}", f"{rows[i]['final_best_rank']} of {trials}"]
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -203,7 +218,7 @@ def main() -> None:
     args = ap.parse_args()
     console = Console()
     if args.rank_agreement:
-        curves = [val_top1_curve(d.parent) for d in sorted(args.rank_agreement.glob("*/result.json"))]
+        curves = [metric_curves(d.parent) for d in sorted(args.rank_agreement.glob("*/result.json"))]
         if len(curves) < 3:
             sys.exit(
                 f"{args.rank_agreement}: needs the trial folders (*/result.json) of a finished sweep; found {len(curves)}"
@@ -211,7 +226,7 @@ def main() -> None:
         agreement = early_rank_agreement(curves)
         print_rank_agreement(console, agreement, len(curves))
         if args.out:
-            args.out.write_text(json.dumps({"experiment": str(args.rank_agreement), "val_top1_curves": curves,
+            args.out.write_text(json.dumps({"experiment": str(args.rank_agreement), "curves": curves,
                                             "early_rank_agreement": agreement}, indent=2))  # fmt: skip
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -223,11 +238,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cmx-sweep-bench-"))
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {
-            "cpu": stdlib_platform.processor() or stdlib_platform.machine(),
-            "cores": os.cpu_count(),
-            "python": sys.version.split()[0],
-        },
+        "machine": machine_info(),
         "args": vars(args),
     }
     if not args.skip_search:
@@ -275,8 +286,8 @@ def main() -> None:
             f"gap to full-budget best: {results['gap_points']:+.2f} points at "
             f"{100 * results['epoch_ratio']:.0f}% of its epochs (goal: ≤ 0.5 at ≤ 35%)"
         )
-        results["early_rank_agreement"] = early_rank_agreement(r["val_top1_curves"])
-        print_rank_agreement(console, results["early_rank_agreement"], len(r["val_top1_curves"]))
+        results["early_rank_agreement"] = early_rank_agreement(r["curves"])
+        print_rank_agreement(console, results["early_rank_agreement"], len(r["curves"]))
     # Overhead: 1-epoch trials so that setup dominates; reuse of actors off vs on.
     if not args.skip_overhead:
         over = {}
