@@ -306,15 +306,12 @@ def run_sweep(
     """Run (or resume) the sweep to completion and summarise it."""
     from ray import tune
 
-    from cmx.checkpoint_retention import CheckpointRetention
     from cmx.ray_runtime import alive_nodes, init_ray, local_capacity
 
     # Check what needs no cluster before Ray starts (the tracking store included).
     plan_resources(spec, [local_capacity()] if address is None else [NodeCapacity("?", "?", 1e9, 1e9)])
     path = experiment_path(spec)
-    objective = spec.objectives()[0]
-    retention = CheckpointRetention(objective.metric, objective.mode, keep_best=KEEP_BEST_CHECKPOINTS)
-    callbacks = [*(callbacks or []), *_tracking_callbacks(spec, path, source_text), retention]
+    callbacks = [*(callbacks or []), *_tracking_callbacks(spec, path, source_text)]
     init_ray(address)
     plan = plan_resources(spec, alive_nodes())
     resumed = _prepare_experiment_dir(spec, path, source_text, fresh)
@@ -356,9 +353,6 @@ def _expected_trials(spec: SweepSpec) -> int:
     return spec.search.num_samples
 
 
-KEEP_BEST_CHECKPOINTS = 2  # per trial, by the objective, besides its latest
-
-
 def _new_tuner(spec: SweepSpec, plan: ResourcePlan, trainable: Any, callbacks: list[Any] | None) -> Any:
     from ray import tune
 
@@ -379,10 +373,8 @@ def _new_tuner(spec: SweepSpec, plan: ResourcePlan, trainable: Any, callbacks: l
         name=spec.name,
         storage_path=experiment_root(spec),
         failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
-        # Tune keeps every checkpoint (ranked by the objective); CheckpointRetention deletes the
-        # superseded ones once no resume can need them (Tune's num_to_keep deletes too early).
         checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=None,
+            num_to_keep=2,
             checkpoint_score_attribute=objective.metric,
             checkpoint_score_order=objective.mode,
         ),
