@@ -56,9 +56,10 @@ def _assert_full_histories(client: Any, trials: list[Any], exp_dir: Path) -> Non
 
 @pytest.mark.xfail(
     strict=False,
-    reason="known bug, not fixed yet: Tune's num_to_keep deletes the checkpoint its last saved state "
-    "points at before the next save; a kill in that window makes --resume fail the trial "
-    "('does not exist on storage anymore'), about 1 run in 3 here",
+    reason="two known bugs, not fixed yet (issues 5 and 6): Tune's num_to_keep deletes the checkpoint its "
+    "last saved state points at before the next save, so a kill in that window makes --resume fail the "
+    "trial ('does not exist on storage anymore'); and some runs miss the killed trial's first epochs in "
+    "MLflow after the resume",
 )
 def test_killed_sweep_resumed_keeps_one_run_per_trial(
     mlflow_server: MlflowServer,  # noqa: F811 - the fixture
