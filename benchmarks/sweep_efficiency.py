@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from machine import machine_info  # noqa: E402
 
+from cmx.metrics import MODES, TRAIN_LOSS, VAL_TOP1  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
-VAL_TOP1 = "val/top1"  # cmx.metrics.VAL_TOP1, the sweeps' objective
-TRAIN_LOSS = "train/loss"  # cmx.metrics.TRAIN_LOSS
-EARLY_METRICS = {VAL_TOP1: 1.0, TRAIN_LOSS: -1.0}  # metric -> sign that makes higher better
+EARLY_METRICS = {m: 1.0 if MODES[m] == "max" else -1.0 for m in (VAL_TOP1, TRAIN_LOSS)}  # sign: higher is better
 
 
 def space_file(
