@@ -306,12 +306,13 @@ def run_sweep(
     """Run (or resume) the sweep to completion and summarise it."""
     from ray import tune
 
+    from cmx.checkpoint_retention import CheckpointRetention
     from cmx.ray_runtime import alive_nodes, init_ray, local_capacity
 
     # Check what needs no cluster before Ray starts (the tracking store included).
     plan_resources(spec, [local_capacity()] if address is None else [NodeCapacity("?", "?", 1e9, 1e9)])
     path = experiment_path(spec)
-    callbacks = [*(callbacks or []), *_tracking_callbacks(spec, path, source_text)]
+    callbacks = [*(callbacks or []), *_tracking_callbacks(spec, path, source_text), CheckpointRetention()]
     init_ray(address)
     plan = plan_resources(spec, alive_nodes())
     resumed = _prepare_experiment_dir(spec, path, source_text, fresh)
@@ -322,8 +323,8 @@ def run_sweep(
         tuner = _new_tuner(spec, plan, trainable, callbacks)
     if on_start:
         on_start(plan, resumed)
-    if resumed and callbacks:
-        # Restored tuners keep their saved RunConfig; progress callbacks are re-attached.
+    if resumed:
+        # Restored tuners keep their saved RunConfig; this driver's callbacks are re-attached.
         tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001 - no public setter
     started = time.monotonic()
     grid = tuner.fit()
@@ -373,8 +374,10 @@ def _new_tuner(spec: SweepSpec, plan: ResourcePlan, trainable: Any, callbacks: l
         name=spec.name,
         storage_path=experiment_root(spec),
         failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+        # Tune keeps every checkpoint; CheckpointRetention deletes the superseded ones once no saved
+        # experiment state refers to them (Tune's num_to_keep deletes too early for a safe resume).
         checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=2,
+            num_to_keep=None,
             checkpoint_score_attribute=objective.metric,
             checkpoint_score_order=objective.mode,
         ),

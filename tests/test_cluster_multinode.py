@@ -43,8 +43,10 @@ class Cluster:
         self.timings: dict[str, float] = {}
 
     def env(self) -> dict[str, str]:
-        """A client's environment: Ray token, our tag (so cleanup finds it), quiet MLflow."""
-        return {**self.ray.env(), "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{BIN}:{os.environ['PATH']}"}
+        """A client's environment: Ray token, our tag (so cleanup finds it), quiet MLflow, and Tune
+        saving its state (result files included) to storage every second, where the tests watch it."""
+        return {**self.ray.env(), "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{BIN}:{os.environ['PATH']}",
+                "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,9 @@ from cmx.sweep_config import load_sweep_spec
 pytestmark = pytest.mark.timeout(900)
 REPO = Path(__file__).resolve().parents[1]
 CMX = str(Path(sys.executable).parent / "cmx")
+# Tests that watch trials through the storage directory: Tune copies result files there with each
+# experiment-state save, every >= 10 s by default; every second here.
+WATCHABLE = ("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 
 def base_config(data: dict[str, str], *, epochs: int, backend: str = "ffcv") -> dict:
@@ -121,6 +124,10 @@ def test_asha_sweep_stops_weak_trials_and_finds_best(tmp_path: Path, fmnist_tiny
     # On-disk status agrees, without Ray.
     status = sweep_status(outcome.path)
     assert status["complete"] and len(status["trials"]) == 6
+    # Bounded storage: a finished trial keeps its best and its last epoch's checkpoints, no more.
+    for t in outcome.trials:
+        kept = sorted(p.name for p in Path(t["path"]).glob("checkpoint_*"))
+        assert 1 <= len(kept) <= 2 and kept[-1] == f"checkpoint_{t['epochs'] - 1:06d}", (t["path"], kept)
 
 
 def _close(a: object, b: object) -> bool:
@@ -180,8 +187,12 @@ def test_killed_driver_resumes_without_redoing_finished_trials(
 
 
 @pytest.mark.slow
-def test_lost_node_trial_resumes_from_checkpoint_on_another(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+def test_lost_node_trial_resumes_from_checkpoint_on_another(
+    tmp_path: Path, fmnist_tiny: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ray
+
+    monkeypatch.setenv(*WATCHABLE)
     from ray.cluster_utils import Cluster
 
     from cmx.ray_runtime import OBJECT_STORE_BYTES
@@ -292,7 +303,11 @@ def test_ctrl_c_stops_cleanly_says_how_to_resume_and_resume_finishes(
     )
     exp = tmp_path / "sweeps" / "ctrlc"
     proc = subprocess.Popen(
-        [CMX, "sweep", "--space", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [CMX, "sweep", "--space", str(path)],
+        env=dict([*os.environ.items(), WATCHABLE]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(trial_rows(d) for d in exp.glob("trial_*")):
