@@ -308,11 +308,14 @@ def run_sweep(
 
     from cmx.checkpoint_retention import CheckpointRetention
     from cmx.ray_runtime import alive_nodes, init_ray, local_capacity
+    from cmx.tune_state import StateBackup
 
     # Check what needs no cluster before Ray starts (the tracking store included).
     plan_resources(spec, [local_capacity()] if address is None else [NodeCapacity("?", "?", 1e9, 1e9)])
     path = experiment_path(spec)
     callbacks = [*(callbacks or []), *_tracking_callbacks(spec, path, source_text), CheckpointRetention()]
+    if "://" not in path:
+        callbacks.append(StateBackup(path))
     init_ray(address)
     plan = plan_resources(spec, alive_nodes())
     resumed = _prepare_experiment_dir(spec, path, source_text, fresh)
@@ -395,6 +398,7 @@ def _prepare_experiment_dir(spec: SweepSpec, path: str, source_text: str, fresh:
     from cmx.storage_files import read_text, remove_dir, write_text
 
     if tune.Tuner.can_restore(path) and not fresh:
+        _repair_saved_state(spec, path)
         saved = read_text(path, SPEC_FILE)
         if saved is not None:
             old = SweepSpec.model_validate(yaml.safe_load(saved))
@@ -409,6 +413,21 @@ def _prepare_experiment_dir(spec: SweepSpec, path: str, source_text: str, fresh:
     write_text(path, SPEC_FILE, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     write_text(path, SOURCE_FILE, source_text)
     return False
+
+
+def _repair_saved_state(spec: SweepSpec, path: str) -> None:
+    """Put back Tune's state files that a killed driver left cut off (local storage only)."""
+    if "://" in path:
+        return
+    from cmx.tune_state import repair_torn_state
+
+    try:
+        repair_torn_state(path)
+    except ValueError as e:
+        raise ConfigError(
+            f"sweep {spec.name!r} at {path} cannot be resumed: {e}",
+            "start it over with --fresh, or keep it and start another with --name NEW",
+        ) from None
 
 
 # ------------------------------------------------------------------ results
