@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,28 +71,45 @@ def init_ray(
         return
     # Trial stdout stays in each trial's log files; errors still reach the driver's summary.
     kwargs: dict = {"log_to_driver": log_to_driver, "logging_level": "ERROR"}
+    start = contextlib.nullcontext()
     if address is None:
         tmp = ray_tmp()
         tmp.mkdir(parents=True, exist_ok=True)
+        start = local_start_lock()
         kwargs.update(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
             object_store_memory=OBJECT_STORE_BYTES,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
-            dashboard_port=free_port(DASHBOARD_PORT) if dashboard else None,
             _temp_dir=str(tmp),
         )
     else:
         kwargs["address"] = address
     try:
-        ray.init(**kwargs)
+        with start:
+            if address is None:
+                kwargs["dashboard_port"] = free_port(DASHBOARD_PORT) if dashboard else None
+            ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClusterError(
             f"cannot reach a Ray cluster at {address!r}: {first}",
             "start one with `ray up cluster/config.yaml` (or `ray start --head`), or drop --address to run locally",
         ) from None
+
+
+@contextlib.contextmanager
+def local_start_lock() -> Iterator[None]:
+    """One local Ray start at a time on this machine: between `free_port` finding the dashboard
+    port free and Ray binding it, another cmx starting at the same moment would take it too."""
+    path = Path(tempfile.gettempdir()) / f"cmx-ray-start-{os.getuid()}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def free_port(preferred: int, host: str = "127.0.0.1") -> int:
