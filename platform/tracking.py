@@ -405,6 +405,27 @@ class Tracker:
             "tags": dict(tags), "description": description,
         })  # fmt: skip
 
+    def last_logged_step(self, key: str, metric: str) -> int | None:
+        """The highest step of `metric` the key's run holds in the store or waits with in the journal.
+
+        A driver killed between an MLflow call and the save of its state file does not know that
+        call went through; this asks. The store part is skipped while it is unreachable.
+        """
+        steps = [
+            int(row[3])
+            for op in self._read_journal()
+            if op.get("op") == "log" and op.get("key") == key
+            for row in op.get("metrics", [])
+            if row[0] == metric
+        ]
+        run_id = self.run_id(key)
+        if run_id is not None and time.monotonic() >= self._offline_until:
+            try:
+                steps += [m.step for m in self.client.get_metric_history(run_id, metric)]
+            except Exception as e:  # noqa: BLE001 - unreachable or refused: the journal is what we know
+                log.debug("MLflow history of %s/%s not read: %s", key, metric, short(str(e)))
+        return max(steps) if steps else None
+
     def pending(self) -> int:
         """Calls waiting in the journal."""
         if not self.journal_file.is_file():

@@ -47,11 +47,13 @@ class MLflowTrackingCallback(tune.Callback):
         objective = spec.objectives()[0]
         self.metric, self.mode = objective.metric, objective.mode
         self._tracker: Any = None
+        self._checked: set[str] = set()  # runs whose last logged epoch this driver has checked
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; clients and files stay behind.
         state = self.__dict__.copy()
         state["_tracker"] = None
+        state["_checked"] = set()
         return state
 
     # ---------------------------------------------------------------- helpers
@@ -166,6 +168,8 @@ class MLflowTrackingCallback(tune.Callback):
         new = t.start_run(key, name=f"trial_{trial.trial_id}", parent=PARENT, tags=tags)
         self.meta.setdefault("params", {})[trial.trial_id] = self._params(trial)
         if new:
+            self._checked.add(key)  # created by this driver: nothing sent before it
+        if new:
             params = {f"search.{k}": v for k, v in self._params(trial).items()}
             if cfg is not None:
                 from cmx.config import dump_yaml
@@ -191,6 +195,8 @@ class MLflowTrackingCallback(tune.Callback):
             t.log(key, tags={"cmx.diverged_epoch": str(result.get(M.EPOCH, "?"))})
             return
         epoch = int(result.get(M.EPOCH) or result.get("training_iteration") or 0)
+        if key not in self._checked:
+            self._check_last_epoch(key)
         last = int(self.meta["epochs"].get(key, 0))
         if epoch <= last:
             # Re-reported after a retry from an earlier checkpoint: that epoch is logged already,
@@ -221,6 +227,15 @@ class MLflowTrackingCallback(tune.Callback):
             parent_metrics[f"sweep/best/{self.metric}"] = sweep["best"]
         t.log(PARENT, metrics=parent_metrics, step=sweep["epochs"])
         t.save()
+
+    def _check_last_epoch(self, key: str) -> None:
+        """A run this driver continues: the last epoch its predecessor sent may have reached MLflow
+        after the state file was last saved (a kill in between); never log that epoch twice."""
+        logged = self.tracker.last_logged_step(key, M.EPOCH_SECONDS)
+        if logged is not None and logged > int(self.meta["epochs"].get(key, 0)):
+            log.info("MLflow run %s already holds epoch %d: continuing after it", key, logged)
+            self.meta["epochs"][key] = logged
+        self._checked.add(key)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._guard("finishing a trial run", self._trial_end, trial, None)
