@@ -29,8 +29,11 @@ import numpy as np
 REQUIRED_SPEEDUP = 4.0  # issue 3: FFCV >= 4x torchvision per core, normalization included
 
 
-def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
-    """ImageNet-like JPEGs (q90, 300-500 px sides, smooth content with texture); reused if present."""
+def make_jpeg_folder(
+    root: Path, n: int, classes: int = 10, seed: int = 0, sides: tuple[int, int] = (300, 500)
+) -> Path:
+    """JPEGs (q90, sides drawn from `sides`, smooth content with texture; the default is
+    ImageNet-like); reused if present."""
     from PIL import Image
 
     marker = root / f".complete-{n}-{classes}-{seed}"
@@ -38,7 +41,7 @@ def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Pa
         return root
     rng = np.random.default_rng(seed)
     for i in range(n):
-        w, h = int(rng.integers(300, 501)), int(rng.integers(300, 501))
+        w, h = int(rng.integers(sides[0], sides[1] + 1)), int(rng.integers(sides[0], sides[1] + 1))
         coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
         base = np.asarray(Image.fromarray(coarse, "RGB").resize((w, h), Image.Resampling.BICUBIC), np.int16)
         texture = rng.normal(0, 12, (h, w, 1)).astype(np.int16)
@@ -182,6 +185,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--resolution", type=int, default=128)
+    p.add_argument(
+        "--source-size",
+        type=int,
+        nargs=2,
+        default=(300, 500),
+        metavar=("MIN", "MAX"),
+        help="side lengths of the generated JPEGs (default ImageNet-like 300-500 px)",
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="default: $CMX_HOME/bench/loader")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -193,13 +204,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.workers)
     root = args.data_dir or cmx_home() / "bench" / "loader"
-    folder = make_jpeg_folder(root / f"jpeg-{args.images}", args.images)
+    lo, hi = args.source_size
+    stem = f"jpeg-{args.images}" + ("" if (lo, hi) == (300, 500) else f"-{lo}-{hi}px")
+    folder = make_jpeg_folder(root / stem, args.images, sides=(lo, hi))
     # cmx's default .beton (ffcv-imagenet's settings: longest side 500, half the images stored raw,
     # the rest JPEG q90), an all-JPEG one, where FFCV decodes a JPEG per image as torchvision does,
     # and an all-raw one (no decode at all; several times the disk).
-    beton = root / f"jpeg-{args.images}-default.beton"
-    beton_jpg = root / f"jpeg-{args.images}.beton"
-    beton_raw = root / f"jpeg-{args.images}-raw.beton"
+    beton = root / f"{stem}-default.beton"
+    beton_jpg = root / f"{stem}.beton"
+    beton_raw = root / f"{stem}-raw.beton"
     for path, mode in ((beton, "proportion"), (beton_jpg, "jpg"), (beton_raw, "raw")):
         if not path.exists():
             convert_image_folder(
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_1m": os.getloadavg()[0],
         "load_average_1m_before": load_before,
         "versions": {k: version(k) for k in ("torch", "torchvision", "ffcv", "numba", "pillow", "numpy")},
-        "setup": f"{args.images} JPEGs (300-500 px, q90; .beton: cmx default = half raw, half JPEG q90), batch {args.batch_size}, {args.workers} workers, "
+        "setup": f"{args.images} JPEGs ({lo}-{hi} px, q90; .beton: cmx default = half raw, half JPEG q90), batch {args.batch_size}, {args.workers} workers, "
         f"{args.resolution} px RandomResizedCrop + flip + normalize, {args.rounds} rounds",
     }
     print(f"# loader throughput ({env['setup']})")

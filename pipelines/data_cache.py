@@ -11,17 +11,16 @@ next fetch removes. A changed source (size or modification time) is fetched agai
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cmx.errors import DataError
+from cmx.file_lock import file_lock
 
 META_SUFFIX = ".cmx-cache.json"
 
@@ -66,17 +65,6 @@ def cache_name(source: str) -> str:
     return f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{base}"
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive lock held across processes on this node (released if the holder dies)."""
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def fetch_to_cache(source: str | Path, cache_dir: str | Path) -> CacheResult:
     """Return the node-local copy of `source` under `cache_dir`, copying it first if needed."""
     from pyarrow import fs
@@ -92,7 +80,7 @@ def fetch_to_cache(source: str | Path, cache_dir: str | Path) -> CacheResult:
     name = cache_name(source if "://" in source else src_path)
     dest = cache / name
     meta_path = cache / (name + META_SUFFIX)
-    with _locked(cache / (name + ".lock")):
+    with file_lock(cache / (name + ".lock")):
         signature = _source_signature(filesystem, src_path)
         if dest.exists() and meta_path.exists():
             with contextlib.suppress(ValueError, OSError):

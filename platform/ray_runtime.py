@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,17 +97,12 @@ def init_ray(
         ) from None
 
 
-@contextlib.contextmanager
-def local_start_lock() -> Iterator[None]:
+def local_start_lock() -> contextlib.AbstractContextManager[None]:
     """One local Ray start at a time on this machine: between `free_port` finding the dashboard
     port free and Ray binding it, another cmx starting at the same moment would take it too."""
-    path = Path(tempfile.gettempdir()) / f"cmx-ray-start-{os.getuid()}.lock"
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    from cmx.file_lock import file_lock
+
+    return file_lock(Path(tempfile.gettempdir()) / f"cmx-ray-start-{os.getuid()}.lock")
 
 
 def free_port(preferred: int, host: str = "127.0.0.1") -> int:
