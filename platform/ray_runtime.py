@@ -69,11 +69,9 @@ def init_ray(
         return
     # Trial stdout stays in each trial's log files; errors still reach the driver's summary.
     kwargs: dict = {"log_to_driver": log_to_driver, "logging_level": "ERROR"}
-    start = contextlib.nullcontext()
     if address is None:
         tmp = ray_tmp()
         tmp.mkdir(parents=True, exist_ok=True)
-        start = local_start_lock()
         kwargs.update(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
@@ -85,7 +83,7 @@ def init_ray(
     else:
         kwargs["address"] = address
     try:
-        with start:
+        with local_start_lock() if address is None else contextlib.nullcontext():
             if address is None:
                 kwargs["dashboard_port"] = free_port(DASHBOARD_PORT) if dashboard else None
             ray.init(**kwargs)

@@ -169,7 +169,6 @@ class MLflowTrackingCallback(tune.Callback):
         self.meta.setdefault("params", {})[trial.trial_id] = self._params(trial)
         if new:
             self._checked.add(key)  # created by this driver: nothing sent before it
-        if new:
             params = {f"search.{k}": v for k, v in self._params(trial).items()}
             if cfg is not None:
                 from cmx.config import dump_yaml
