@@ -192,7 +192,10 @@ def main() -> None:
     ap.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     ap.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the top 1/N at each rung")
     ap.add_argument(
-        "--scheduler", default="asha", choices=["asha", "hyperband"], help="early stopping of the TPE search"
+        "--scheduler",
+        default="asha",
+        choices=["asha", "asha-promotion", "hyperband"],
+        help="early stopping of the TPE search",
     )
     ap.add_argument(
         "--scheduler-metric",
@@ -254,7 +257,7 @@ def main() -> None:
         results["random_full"] = run(
             space_file(tmp, data, name="random-full", algorithm="random", scheduler="none", **common)
         )
-        early = {"asha": "ASHA", "hyperband": "HyperBand"}[args.scheduler]
+        early = {"asha": "ASHA", "asha-promotion": "ASHA (promotion)", "hyperband": "HyperBand"}[args.scheduler]
         if args.scheduler_metric:
             early += f" on {args.scheduler_metric}"
         rows = [(f"{early} + TPE", results["asha_tpe"])]

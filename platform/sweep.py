@@ -250,6 +250,16 @@ def build_scheduler(spec: SweepSpec) -> Any:
     s = spec.scheduler
     stop_on = spec.stopping_objective()
     common = {"metric": stop_on.metric, "mode": stop_on.mode, "time_attr": "training_iteration"}
+    if s.name == "asha-promotion":
+        from cmx.promotion_asha import PromotionASHA
+
+        return PromotionASHA(
+            max_t=spec.max_epochs,
+            grace_period=min(s.grace_period, spec.max_epochs),
+            reduction_factor=s.reduction_factor,
+            skip_flags=(REJECTED, DIVERGED),
+            **common,
+        )
     if s.name == "asha":
         return ASHAScheduler(
             max_t=spec.max_epochs,
@@ -308,12 +318,18 @@ def run_sweep(
 
     from cmx.checkpoint_retention import CheckpointRetention
     from cmx.ray_runtime import alive_nodes, init_ray, local_capacity
+    from cmx.trial_logs import KeepTrialLogs
     from cmx.tune_state import StateBackup
 
     # Check what needs no cluster before Ray starts (the tracking store included).
     plan_resources(spec, [local_capacity()] if address is None else [NodeCapacity("?", "?", 1e9, 1e9)])
     path = experiment_path(spec)
-    callbacks = [*(callbacks or []), *_tracking_callbacks(spec, path, source_text), CheckpointRetention()]
+    callbacks = [
+        *(callbacks or []),
+        *_tracking_callbacks(spec, path, source_text),
+        CheckpointRetention(),
+        KeepTrialLogs(),
+    ]
     if "://" not in path:
         callbacks.append(StateBackup(path))
     init_ray(address)
@@ -362,11 +378,21 @@ def _new_tuner(spec: SweepSpec, plan: ResourcePlan, trainable: Any, callbacks: l
 
     objective = spec.objectives()[0]
     searcher = build_searcher(spec)
+    scheduler = build_scheduler(spec)
+    max_concurrent: int | None = concurrency(spec, plan)
+    if spec.scheduler.name == "asha-promotion":
+        from cmx.promotion_asha import RungFeedback
+
+        # Tune's concurrency cap counts paused trials as running: resources bound the trials at
+        # once instead, and Tune then asks the searcher for one new trial at a time.
+        max_concurrent = None
+        if searcher is not None:
+            searcher = RungFeedback(searcher, scheduler.new_book())
     tune_config = tune.TuneConfig(
         search_alg=searcher,
-        scheduler=build_scheduler(spec),
+        scheduler=scheduler,
         num_samples=spec.search.num_samples,
-        max_concurrent_trials=concurrency(spec, plan),
+        max_concurrent_trials=max_concurrent,
         time_budget_s=spec.search.time_budget,
         # Reusing trial actors saves Ray's worker start per trial (stack notes: 2.1 s -> 0.6 s).
         reuse_actors=spec.resources.reuse_actors and plan.worker_bundle is None,

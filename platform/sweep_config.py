@@ -153,7 +153,11 @@ class SearchConfig(StrictModel):
 class SchedulerConfig(StrictModel):
     """Early stopping of weak trials (time unit: epochs)."""
 
-    name: Literal["asha", "hyperband", "median", "none"] = "asha"
+    name: Literal["asha", "asha-promotion", "hyperband", "median", "none"] = Field(
+        "asha",
+        description="asha: Tune's ASHA, a trial stops at a rung below the cut-off so far; asha-promotion: "
+        "trials pause at each rung and the top 1/reduction_factor of those that reached it resume",
+    )
     grace_period: int = Field(1, ge=1, description="epochs every trial gets before it may stop")
     reduction_factor: float = Field(3.0, gt=1.0)
     max_epochs: int | None = Field(None, ge=1, description="default: base.loop.epochs")
@@ -263,7 +267,18 @@ def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepS
         raise ConfigError(f"{path}: name {spec.name!r} is not a valid sweep name", "use letters, digits, - _ .")
     check_space_paths(spec, str(path))
     check_constraints_parse(spec, str(path))
+    check_scheduler_fits_search(spec, str(path))
     return spec
+
+
+def check_scheduler_fits_search(spec: SweepSpec, source: str) -> None:
+    """asha-promotion keeps paused trials alive, which a concurrency cap would count as running."""
+    if spec.scheduler.name == "asha-promotion" and spec.search.max_concurrent is not None:
+        raise ConfigError(
+            f"{source}: search.max_concurrent does not work with scheduler.name: asha-promotion "
+            "(its paused trials would hold the slots)",
+            "remove search.max_concurrent (resources.cpus/gpus bound the trials at once) or use scheduler asha",
+        )
 
 
 def check_space_paths(spec: SweepSpec, source: str) -> None:

@@ -1,7 +1,8 @@
-"""A Tune callback that shows one live line: trials running/done/stopped, and the best so far."""
+"""A Tune callback that shows one live line: trials running/waiting/done/stopped, and the best so far."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray import tune
@@ -15,7 +16,9 @@ class RichSweepProgress(tune.Callback):
     def __init__(self, *, total: int, metric: str, mode: str, max_epochs: int, console: Console | None = None) -> None:
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.running: set[str] = set()
+        self.waiting = 0  # paused at a rung (scheduler asha-promotion)
         self.done = self.stopped = self.failed = 0
+        self._recounted = 0.0
         self.best: tuple[float, str] | None = None
         self.total = total
         self.console = console
@@ -48,8 +51,9 @@ class RichSweepProgress(tune.Callback):
 
     def _refresh(self) -> None:
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "best —"
+        waiting = f"waiting {self.waiting} · " if self.waiting else ""
         text = (
-            f"running {len(self.running)} · done {self.done} · stopped early {self.stopped} · "
+            f"running {len(self.running)} · {waiting}done {self.done} · stopped early {self.stopped} · "
             f"failed {self.failed} · {best}"
         )
         self._live().update(self.task, description=text, completed=self.done + self.stopped + self.failed)
@@ -65,6 +69,18 @@ class RichSweepProgress(tune.Callback):
             if better:
                 self.best = (float(value), trial.trial_id)
         self._refresh()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        # Trials pause and resume without a callback of their own: recount twice a second.
+        now = time.monotonic()
+        if now - self._recounted < 0.5:
+            return
+        self._recounted = now
+        running = {t.trial_id for t in trials if t.status == "RUNNING"}
+        waiting = sum(t.status == "PAUSED" for t in trials)
+        if running != self.running or waiting != self.waiting:
+            self.running, self.waiting = running, waiting
+            self._refresh()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)

@@ -1,0 +1,178 @@
+"""Promotion-based ASHA: the rung table, and real sweeps in which trials pause and the best resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_sweep_ray import ray_local, trial_rows, write_spec  # noqa: F401 - ray_local is a fixture
+
+from cmx.promotion_asha import RungBook, rung_milestones
+from cmx.sweep import run_sweep
+from cmx.sweep_config import load_sweep_spec
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_milestones_are_grace_times_powers_below_the_budget() -> None:
+    assert rung_milestones(1, 2, 16) == [1, 2, 4, 8]
+    assert rung_milestones(1, 3, 16) == [1, 3, 9]
+    assert rung_milestones(2, 3, 16) == [2, 6]
+    assert rung_milestones(1, 1.5, 5) == [1, 2, 3]  # rounded, no repeats
+    assert rung_milestones(4, 2, 4) == []  # the grace period is the whole budget: nothing to compare
+
+
+def test_only_the_top_fraction_of_a_rung_is_promotable_once() -> None:
+    book = RungBook([1, 3])
+    book.scores[0].update({"a": 0.5, "b": 0.9})
+    assert book.promotable(0, 3) == []  # floor(2/3) = 0: too few trials reached the rung yet
+    book.scores[0]["c"] = 0.7
+    assert book.promotable(0, 3) == ["b"]
+    book.promote(0, "b")
+    assert book.promotable(0, 3) == []
+    book.scores[0].update({"d": 0.1, "e": 0.95, "f": 0.2})
+    assert book.promotable(0, 3) == ["e"]  # top 2 of 6 are e and b; b moved on already
+    assert book.highest_rung("b") == 0 and book.highest_rung("zz") is None
+
+
+def test_malformed_combination_is_one_clear_error(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+    from cmx.errors import ConfigError
+
+    path = write_spec(
+        tmp_path, fmnist_tiny, name="bad", scheduler={"name": "asha-promotion"}, search={"max_concurrent": 1}
+    )
+    with pytest.raises(ConfigError, match=r"search.max_concurrent does not work with scheduler.name: asha-promotion"):
+        load_sweep_spec(path)
+
+
+@pytest.mark.slow
+def test_trials_pause_at_rungs_and_only_the_best_resume(
+    tmp_path: Path,
+    fmnist_tiny: dict[str, str],
+    ray_local,  # noqa: F811
+) -> None:
+    """8 trials × ≤ 4 epochs, η = 2 (rungs at epochs 1 and 2): 8 + 4·1 + 2·2 = 16 epochs, no more."""
+    path = write_spec(
+        tmp_path,
+        fmnist_tiny,
+        name="promo8",
+        epochs=4,
+        samples=8,
+        scheduler={"name": "asha-promotion", "grace_period": 1, "reduction_factor": 2, "metric": "train/loss"},
+        tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )
+    spec = load_sweep_spec(path)
+    outcome = run_sweep(spec, source_text=path.read_text())
+    assert len(outcome.trials) == 8 and not outcome.interrupted and not outcome.all_failed
+    # Each trial's epochs ran once, in order, across its pauses (resumed from its checkpoint).
+    rows = {t["path"]: trial_rows(Path(t["path"])) for t in outcome.trials}
+    for trial_path, r in rows.items():
+        assert [x["training_iteration"] for x in r] == list(range(1, len(r) + 1)), trial_path
+        assert [x["epoch"] for x in r] == list(range(1, len(r) + 1)), trial_path
+    epochs = {p: len(r) for p, r in rows.items()}
+    # The best half at the first rung (lowest train loss after epoch 1) all moved on; at least three
+    # of the rest never did (a trial may move on early while few have reached the rung: ASHA's rule).
+    loss1 = sorted(rows, key=lambda p: rows[p][0]["train/loss"])
+    assert all(epochs[p] >= 2 for p in loss1[:4]), epochs
+    assert sum(epochs[p] == 1 for p in loss1[4:]) >= 3, epochs
+    assert max(epochs.values()) == 4  # someone trained the full budget
+    assert sum(epochs.values()) <= 20, epochs  # 8 x 4 = 32 without early stopping
+    statuses = [t["status"] for t in outcome.trials]
+    assert statuses.count("completed") >= 1 and statuses.count("stopped early") >= 5, statuses
+    assert outcome.best is not None and outcome.best_checkpoint and Path(outcome.best_checkpoint).is_dir()
+    # TPE heard of every trial: each waiting trial when it first paused, the others when they ended.
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(outcome.path)
+    states = [t.state.name for t in searcher._ot_study.trials]  # noqa: SLF001
+    assert states == ["COMPLETE"] * 8, states
+    # MLflow: one run per trial, every epoch once across the pauses, ended as Tune ended the trial.
+    from cmx import metrics as M
+    from cmx.tracking import TAG_ROLE, TAG_TRIAL, make_client
+
+    client = make_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("promo8")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(TAG_ROLE) == "trial"]
+    assert len(runs) == 8
+    for run in runs:
+        n = {Path(p).name: c for p, c in epochs.items()}[f"trial_{run.data.tags[TAG_TRIAL]}"]
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, M.TRAIN_LOSS))
+        assert steps == list(range(1, n + 1)), (run.info.run_name, steps)
+        assert run.info.status in ("FINISHED", "KILLED"), run.info.status
+
+
+@pytest.mark.slow
+def test_killed_promotion_sweep_resumes_with_its_waiting_trials_still_waiting(
+    tmp_path: Path, fmnist_tiny: dict[str, str], own_ray_tmp: str
+) -> None:
+    """The rung table survives the driver: after a resume, trials that waited wait on (not all run on)."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ray_procs import kill_ray_started_with
+
+    from cmx.ray_runtime import RAY_TMP_ENV
+    from cmx.sweep import sweep_status
+
+    cmx = str(Path(sys.executable).parent / "cmx")
+    path = write_spec(
+        tmp_path,
+        fmnist_tiny,
+        name="promokill",
+        epochs=4,
+        samples=8,
+        scheduler={"name": "asha-promotion", "grace_period": 1, "reduction_factor": 2, "metric": "train/loss"},
+    )
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: own_ray_tmp}
+    exp = tmp_path / "sweeps" / "promokill"
+    proc = subprocess.Popen(
+        [cmx, "sweep", "--space", str(path)], env=env, start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while sum(bool(trial_rows(d)) for d in exp.glob("trial_*")) < 5:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "five trials did not report in time"
+            time.sleep(0.3)
+        time.sleep(2)  # let Tune save its state with these trials waiting at the first rung
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    kill_ray_started_with(own_ray_tmp)
+    out = subprocess.run([cmx, "sweep", "--space", str(path)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming sweep promokill" in out.stderr
+    status = sweep_status(exp)
+    assert status["complete"] and len(status["trials"]) == 8, status
+    epochs = {d.name: [r["training_iteration"] for r in trial_rows(d)] for d in exp.glob("trial_*")}
+    assert len(epochs) == 8
+    for name, its in epochs.items():
+        assert its == list(range(1, len(its) + 1)), f"{name}: epochs {its}"  # none lost, none run twice
+    n = {name: len(its) for name, its in epochs.items()}
+    assert sum(c == 1 for c in n.values()) >= 3, n  # the weak ones still waited after the resume
+    assert max(n.values()) == 4 and sum(n.values()) <= 20, n
+
+
+def test_progress_line_counts_waiting_trials() -> None:
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from cmx.sweep_progress import RichSweepProgress
+
+    cb = RichSweepProgress(total=4, metric="val/top1", mode="max", max_epochs=4, console=Console(file=io.StringIO()))
+    trials = [
+        SimpleNamespace(trial_id=str(i), status=s) for i, s in enumerate(["RUNNING", "PAUSED", "PAUSED", "PENDING"])
+    ]
+    cb.on_step_end(iteration=1, trials=trials)
+    line = cb.progress.tasks[0].description
+    cb.on_experiment_end(trials=trials)
+    assert "running 1 · waiting 2 · done 0" in line, line
