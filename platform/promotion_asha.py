@@ -78,13 +78,17 @@ def rung_milestones(grace_period: int, reduction_factor: float, max_t: int) -> l
 class RungFeedback(Searcher):
     """Wraps a searcher: tells it a trial's result when the trial first waits at a rung.
 
-    Also carries the scheduler's `RungBook`, so that Tune saves it with the searcher's state.
+    Also carries the scheduler's `RungBook`, so that Tune saves it with the searcher's state, and
+    caps the trials at work (proposed, not finished, not waiting) at `max_concurrent`: Tune's own
+    ConcurrencyLimiter counts waiting trials too, and stops proposing once they fill its slots.
     """
 
-    def __init__(self, searcher: Searcher, book: RungBook) -> None:
+    def __init__(self, searcher: Searcher, book: RungBook, max_concurrent: int | None = None) -> None:
         self.searcher = searcher
         self.book = book
+        self.max_concurrent = max_concurrent
         self.told: set[str] = set()
+        self.live: set[str] = set()  # proposed and not finished
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     def tell(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -98,22 +102,29 @@ class RungFeedback(Searcher):
         return self.searcher.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id: str) -> dict | None:
-        return self.searcher.suggest(trial_id)
+        if self.max_concurrent is not None and len(self.live - self.book.waiting) >= self.max_concurrent:
+            return None
+        config = self.searcher.suggest(trial_id)
+        if config is not None:
+            self.live.add(trial_id)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self.told:
             self.searcher.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.live.discard(trial_id)
         if trial_id not in self.told:
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
     def get_state(self) -> dict:
-        return {"book": self.book, "told": set(self.told)}
+        return {"book": self.book, "told": set(self.told), "live": set(self.live)}
 
     def set_state(self, state: dict) -> None:
         self.book = state["book"]
         self.told = set(state["told"])
+        self.live = set(state["live"])
 
     def save(self, checkpoint_path: str) -> None:
         self.searcher.save(checkpoint_path)
@@ -135,6 +146,9 @@ def find_feedback(search_alg: Any) -> RungFeedback | None:
 class PromotionASHA(FIFOScheduler):
     """ASHA that pauses trials at rungs and resumes the top 1/η (see the module docstring)."""
 
+    # A trial must stop at the rung's epoch, not a few buffered results later (as HyperBand).
+    _supports_buffered_results = False
+
     def __init__(
         self,
         *,
@@ -145,6 +159,7 @@ class PromotionASHA(FIFOScheduler):
         reduction_factor: float = 3.0,
         time_attr: str = "training_iteration",
         skip_flags: tuple[str, ...] = (),
+        max_concurrent: int | None = None,
     ) -> None:
         super().__init__()
         self._metric, self._mode = metric, mode
@@ -153,6 +168,7 @@ class PromotionASHA(FIFOScheduler):
         self._time_attr = time_attr
         self._skip_flags = skip_flags  # results carrying one of these ran no epoch (rejected, diverged)
         self._sign = 1.0 if mode == "max" else -1.0
+        self._max_concurrent = max_concurrent  # trials at work at once, waiting ones not counted
         self._own_book = RungBook(rung_milestones(grace_period, reduction_factor, max_t))
         self._last_book = self._own_book
 
@@ -206,6 +222,9 @@ class PromotionASHA(FIFOScheduler):
         book = self._book(tune_controller)
         trials = tune_controller.get_trials()
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
+        at_work = sum(t.status in (Trial.PENDING, Trial.RUNNING) for t in trials)
+        if self._max_concurrent is not None and at_work >= self._max_concurrent:
+            paused = {}  # no promotion now; a pending trial may still start (Tune's FIFO)
         for rung in reversed(range(len(book.milestones))):
             for tid in book.promotable(rung, self._rf):
                 if tid in paused:
@@ -214,8 +233,7 @@ class PromotionASHA(FIFOScheduler):
         for t in trials:
             if t.status == Trial.PENDING:
                 return t
-        busy = any(t.status in (Trial.PENDING, Trial.RUNNING) for t in trials)
-        if busy or not paused or not tune_controller.search_alg.is_finished():
+        if at_work or not paused or not tune_controller.search_alg.is_finished():
             return None
         # The search is over and only waiting trials are left.
         if not book.full_budget_reached:

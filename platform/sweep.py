@@ -238,8 +238,11 @@ def grid_param_space(spec: SweepSpec) -> dict[str, Any]:
     return space
 
 
-def build_scheduler(spec: SweepSpec) -> Any:
-    """ASHA / HyperBand / median stopping on scheduler.metric (default: the first objective), in epochs."""
+def build_scheduler(spec: SweepSpec, max_concurrent: int | None = None) -> Any:
+    """ASHA / HyperBand / median stopping on scheduler.metric (default: the first objective), in epochs.
+
+    `max_concurrent` caps the trials asha-promotion resumes while others are at work.
+    """
     from ray.tune.schedulers import (
         ASHAScheduler,
         FIFOScheduler,
@@ -258,6 +261,7 @@ def build_scheduler(spec: SweepSpec) -> Any:
             grace_period=min(s.grace_period, spec.max_epochs),
             reduction_factor=s.reduction_factor,
             skip_flags=(REJECTED, DIVERGED),
+            max_concurrent=max_concurrent,
             **common,
         )
     if s.name == "asha":
@@ -378,16 +382,16 @@ def _new_tuner(spec: SweepSpec, plan: ResourcePlan, trainable: Any, callbacks: l
 
     objective = spec.objectives()[0]
     searcher = build_searcher(spec)
-    scheduler = build_scheduler(spec)
     max_concurrent: int | None = concurrency(spec, plan)
+    scheduler = build_scheduler(spec, max_concurrent)
     if spec.scheduler.name == "asha-promotion":
         from cmx.promotion_asha import RungFeedback
 
-        # Tune's concurrency cap counts paused trials as running: resources bound the trials at
-        # once instead, and Tune then asks the searcher for one new trial at a time.
-        max_concurrent = None
+        # Tune's concurrency limiter counts paused trials as running and would stop proposing
+        # once they fill it: RungFeedback and the scheduler cap the trials at work instead.
         if searcher is not None:
-            searcher = RungFeedback(searcher, scheduler.new_book())
+            searcher = RungFeedback(searcher, scheduler.new_book(), max_concurrent)
+        max_concurrent = None
     tune_config = tune.TuneConfig(
         search_alg=searcher,
         scheduler=scheduler,

@@ -272,12 +272,13 @@ def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepS
 
 
 def check_scheduler_fits_search(spec: SweepSpec, source: str) -> None:
-    """asha-promotion keeps paused trials alive, which a concurrency cap would count as running."""
-    if spec.scheduler.name == "asha-promotion" and spec.search.max_concurrent is not None:
+    """asha-promotion caps the trials at work through the searcher, which `grid` does not have."""
+    capped = spec.search.max_concurrent is not None or spec.resources.workers > 1
+    if spec.scheduler.name == "asha-promotion" and spec.search.algorithm == "grid" and capped:
         raise ConfigError(
-            f"{source}: search.max_concurrent does not work with scheduler.name: asha-promotion "
-            "(its paused trials would hold the slots)",
-            "remove search.max_concurrent (resources.cpus/gpus bound the trials at once) or use scheduler asha",
+            f"{source}: scheduler.name: asha-promotion cannot cap the trials at once for search.algorithm: grid "
+            "(search.max_concurrent or data-parallel resources.workers)",
+            "use search.algorithm: random or optuna-tpe, or scheduler.name: asha",
         )
 
 

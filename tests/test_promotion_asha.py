@@ -12,6 +12,12 @@ from cmx.sweep import run_sweep
 from cmx.sweep_config import load_sweep_spec
 
 pytestmark = pytest.mark.timeout(900)
+PROMOTION = {"name": "asha-promotion", "grace_period": 1, "reduction_factor": 2, "metric": "train/loss"}
+
+
+def promotion_spec(tmp_path: Path, data: dict[str, str], name: str, **sections: dict) -> Path:
+    """8 trials × ≤ 4 epochs, η = 2: rungs at epochs 1 and 2."""
+    return write_spec(tmp_path, data, name=name, epochs=4, samples=8, scheduler=PROMOTION, **sections)
 
 
 def test_milestones_are_grace_times_powers_below_the_budget() -> None:
@@ -38,11 +44,10 @@ def test_only_the_top_fraction_of_a_rung_is_promotable_once() -> None:
 def test_malformed_combination_is_one_clear_error(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
     from cmx.errors import ConfigError
 
-    path = write_spec(
-        tmp_path, fmnist_tiny, name="bad", scheduler={"name": "asha-promotion"}, search={"max_concurrent": 1}
-    )
-    with pytest.raises(ConfigError, match=r"search.max_concurrent does not work with scheduler.name: asha-promotion"):
+    path = promotion_spec(tmp_path, fmnist_tiny, "bad", search={"algorithm": "grid", "max_concurrent": 1})
+    with pytest.raises(ConfigError, match=r"asha-promotion cannot cap the trials at once for search.algorithm: grid"):
         load_sweep_spec(path)
+    load_sweep_spec(promotion_spec(tmp_path, fmnist_tiny, "good", search={"max_concurrent": 1}))
 
 
 @pytest.mark.slow
@@ -51,16 +56,9 @@ def test_trials_pause_at_rungs_and_only_the_best_resume(
     fmnist_tiny: dict[str, str],
     ray_local,  # noqa: F811
 ) -> None:
-    """8 trials × ≤ 4 epochs, η = 2 (rungs at epochs 1 and 2): 8 + 4·1 + 2·2 = 16 epochs, no more."""
-    path = write_spec(
-        tmp_path,
-        fmnist_tiny,
-        name="promo8",
-        epochs=4,
-        samples=8,
-        scheduler={"name": "asha-promotion", "grace_period": 1, "reduction_factor": 2, "metric": "train/loss"},
-        tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    )
+    """Ideally 8 + 4·1 + 2·2 = 16 epochs; a few more when a trial moves on while few reached its rung."""
+    tracking = {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    path = promotion_spec(tmp_path, fmnist_tiny, "promo8", tracking=tracking)
     spec = load_sweep_spec(path)
     outcome = run_sweep(spec, source_text=path.read_text())
     assert len(outcome.trials) == 8 and not outcome.interrupted and not outcome.all_failed
@@ -120,14 +118,7 @@ def test_killed_promotion_sweep_resumes_with_its_waiting_trials_still_waiting(
     from cmx.sweep import sweep_status
 
     cmx = str(Path(sys.executable).parent / "cmx")
-    path = write_spec(
-        tmp_path,
-        fmnist_tiny,
-        name="promokill",
-        epochs=4,
-        samples=8,
-        scheduler={"name": "asha-promotion", "grace_period": 1, "reduction_factor": 2, "metric": "train/loss"},
-    )
+    path = promotion_spec(tmp_path, fmnist_tiny, "promokill")
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: own_ray_tmp}
     exp = tmp_path / "sweeps" / "promokill"
     proc = subprocess.Popen(
@@ -176,3 +167,41 @@ def test_progress_line_counts_waiting_trials() -> None:
     line = cb.progress.tasks[0].description
     cb.on_experiment_end(trials=trials)
     assert "running 1 · waiting 2 · done 0" in line, line
+
+
+@pytest.mark.slow
+def test_data_parallel_trials_pause_and_resume_and_release_cpus(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+    """A paused trial's TorchTrainer workers go away with it; the resumed one continues its epochs."""
+    import time
+
+    import ray
+
+    from cmx.ray_runtime import init_ray
+
+    init_ray(num_cpus=3)  # 2 workers x 1 CPU plus the trial driver's 0.01 CPU: one trial at a time
+    try:
+        path = write_spec(
+            tmp_path,
+            fmnist_tiny,
+            name="dp-promo",
+            epochs=3,
+            samples=3,
+            backend="torchvision",
+            resources={"workers": 2, "cpus_per_worker": 1},
+            scheduler={**PROMOTION, "reduction_factor": 3},
+        )
+        outcome = run_sweep(load_sweep_spec(path), source_text=path.read_text())
+        rows = {t["path"]: trial_rows(Path(t["path"])) for t in outcome.trials}
+        assert len(rows) == 3 and not outcome.all_failed, outcome.trials
+        for trial_path, r in rows.items():
+            assert [x["epoch"] for x in r] == list(range(1, len(r) + 1)), trial_path
+        # Three trials reach the rung at epoch 1; the lowest train loss trains on to 3, the others wait
+        # and end there.
+        by_loss = sorted(rows, key=lambda p: rows[p][0]["train/loss"])
+        assert len(rows[by_loss[0]]) == 3 and [len(rows[p]) for p in by_loss[1:]] == [1, 1], rows
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < 3 - 1e-6:
+            time.sleep(1)
+        assert ray.available_resources().get("CPU", 0) >= 3 - 1e-6, "CPUs leaked by paused trials"
+    finally:
+        ray.shutdown()
