@@ -1,6 +1,8 @@
-"""Sweep orchestration on Ray Tune: Optuna proposes, ASHA stops, each trial runs `train()`.
+"""Sweep orchestration on Ray Tune: Optuna proposes, ASHA stops or pauses, each trial runs `train()`.
 
-This is the only module with Ray Tune calls; the training function knows nothing of Ray.
+This module builds and runs the Tuner; Tune callbacks (tracking, checkpoint retention, state backup,
+trial logs) and the asha-promotion scheduler live in their own modules. The training function
+knows nothing of Ray.
 """
 
 from __future__ import annotations
