@@ -245,6 +245,7 @@ class PromotionASHA(FIFOScheduler):
         for t in paused.values():
             book.waiting.discard(t.trial_id)
             tune_controller.stop_trial(t)
+            _save_status_with_next_state(tune_controller, t)
         return None
 
     def _best_waiting(self, book: RungBook, paused: dict[str, Trial]) -> Trial | None:
@@ -258,3 +259,15 @@ class PromotionASHA(FIFOScheduler):
         b = self._last_book
         rungs = zip(b.milestones, b.scores, b.promoted, strict=True)
         return "PromotionASHA: " + ", ".join(f"epoch {m}: {len(s)} reached, {len(p)} promoted" for m, s, p in rungs)
+
+
+def _save_status_with_next_state(tune_controller: Any, trial: Trial) -> None:
+    """Make Tune write a stopped paused trial's new status into its saved experiment state.
+
+    Tune re-serializes only the trials it marked; stopping one that holds no actor marks nothing,
+    so the saved state kept it PAUSED and re-running a finished sweep trained it on.
+    """
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)  # unwrap Tune's wrapper
+    mark = getattr(controller, "_mark_trial_to_checkpoint", None)
+    if mark is not None:
+        mark(trial)

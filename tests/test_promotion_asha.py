@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,12 @@ def test_trials_pause_at_rungs_and_only_the_best_resume(
     searcher.restore_from_dir(outcome.path)
     states = [t.state.name for t in searcher._ot_study.trials]  # noqa: SLF001
     assert states == ["COMPLETE"] * 8, states
+    # Tune's saved state says every trial ended, so re-running the finished sweep trains nothing more.
+    (state_file,) = Path(outcome.path).glob("experiment_state-*.json")
+    saved = json.loads(state_file.read_text())["trial_data"]
+    assert [json.loads(t[0])["status"] for t in saved] == ["TERMINATED"] * 8
+    again = run_sweep(spec, source_text=path.read_text())
+    assert again.resumed and {t["path"]: t["epochs"] for t in again.trials} == epochs
     # MLflow: one run per trial, every epoch once across the pauses, ended as Tune ended the trial.
     from cmx import metrics as M
     from cmx.tracking import TAG_ROLE, TAG_TRIAL, make_client
