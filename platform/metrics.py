@@ -30,3 +30,10 @@ GFLOPS = "model/gflops"
 TRIAL_ONLY = (PARAMS_M, GFLOPS)
 MODES[PARAMS_M] = "min"
 MODES[GFLOPS] = "min"
+
+
+def epochs_of(result: dict) -> int:
+    """Epochs a trial had finished at this result: the trainer's own `epoch`, not Tune's
+    `training_iteration`, which restarts at 1 when a data-parallel trial resumes (its checkpoints
+    live in Ray Train's run, so Tune restores no iteration count)."""
+    return int(result.get(EPOCH, result.get("training_iteration", 0)) or 0)

@@ -32,6 +32,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from cmx.metrics import EPOCH
+
 
 @dataclass
 class RungBook:
@@ -157,7 +159,7 @@ class PromotionASHA(FIFOScheduler):
         max_t: int,
         grace_period: int = 1,
         reduction_factor: float = 3.0,
-        time_attr: str = "training_iteration",
+        time_attr: str = EPOCH,
         skip_flags: tuple[str, ...] = (),
         max_concurrent: int | None = None,
     ) -> None:
@@ -198,8 +200,10 @@ class PromotionASHA(FIFOScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         if any(result.get(flag) for flag in self._skip_flags):
             return TrialScheduler.CONTINUE
+        epoch = result.get(self._time_attr)
+        if epoch is None:
+            return TrialScheduler.CONTINUE
         book = self._book(tune_controller)
-        epoch = result[self._time_attr]
         if epoch >= self._max_t:
             book.full_budget_reached = True
             return TrialScheduler.STOP

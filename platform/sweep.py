@@ -254,7 +254,8 @@ def build_scheduler(spec: SweepSpec, max_concurrent: int | None = None) -> Any:
 
     s = spec.scheduler
     stop_on = spec.stopping_objective()
-    common = {"metric": stop_on.metric, "mode": stop_on.mode, "time_attr": "training_iteration"}
+    # Time is the trainer's epoch: Tune's training_iteration restarts when a data-parallel trial resumes.
+    common = {"metric": stop_on.metric, "mode": stop_on.mode, "time_attr": metrics.EPOCH}
     if s.name == "asha-promotion":
         from cmx.promotion_asha import PromotionASHA
 
@@ -472,8 +473,7 @@ def _trial_status(spec: SweepSpec, metrics_: dict[str, Any], error: Any) -> str:
         return "rejected"
     if metrics_.get(DIVERGED):
         return "diverged"
-    epochs = int(metrics_.get("training_iteration", 0) or 0)
-    return "completed" if epochs >= spec.max_epochs else "stopped early"
+    return "completed" if metrics.epochs_of(metrics_) >= spec.max_epochs else "stopped early"
 
 
 def summarise(spec: SweepSpec, grid: Any, path: str) -> SweepOutcome:
@@ -490,7 +490,7 @@ def summarise(spec: SweepSpec, grid: Any, path: str) -> SweepOutcome:
         row = {
             "trial_id": m.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_"),
             "status": _trial_status(spec, m, result.error),
-            "epochs": int(m.get("training_iteration", 0) or 0),
+            "epochs": metrics.epochs_of(m),
             "params": params,
             "metrics": {k: v for k, v in m.items() if "/" in k},
             "path": str(result.path),
@@ -604,7 +604,7 @@ def sweep_status(path: str | Path) -> dict[str, Any]:
             {
                 "trial_id": trial_dir.name.removeprefix("trial_"),
                 "status": status,
-                "epochs": int(last.get("training_iteration", 0) or 0),
+                "epochs": metrics.epochs_of(last),
                 "best": best,
             }
         )

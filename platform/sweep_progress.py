@@ -9,6 +9,8 @@ from ray import tune
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from cmx.metrics import epochs_of
+
 
 class RichSweepProgress(tune.Callback):
     """Live sweep progress for the terminal (Tune's own table output is turned off)."""
@@ -76,16 +78,20 @@ class RichSweepProgress(tune.Callback):
         if now - self._recounted < 0.5:
             return
         self._recounted = now
+        if self._recount(trials):
+            self._refresh()
+
+    def _recount(self, trials: list) -> bool:
+        """Take running and waiting from the trials' statuses; True when either changed."""
         running = {t.trial_id for t in trials if t.status == "RUNNING"}
         waiting = sum(t.status == "PAUSED" for t in trials)
-        if running != self.running or waiting != self.waiting:
-            self.running, self.waiting = running, waiting
-            self._refresh()
+        changed = running != self.running or waiting != self.waiting
+        self.running, self.waiting = running, waiting
+        return changed
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)
-        epochs = int((trial.last_result or {}).get("training_iteration", 0) or 0)
-        if epochs >= self.max_epochs:
+        if epochs_of(trial.last_result or {}) >= self.max_epochs:
             self.done += 1
         else:
             self.stopped += 1
@@ -97,5 +103,6 @@ class RichSweepProgress(tune.Callback):
         self._refresh()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._recount(trials)  # waiting trials stopped at the end are no longer waiting
         self._refresh()
         self._live().stop()

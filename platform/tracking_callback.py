@@ -193,7 +193,7 @@ class MLflowTrackingCallback(tune.Callback):
         if result.get(DIVERGED):
             t.log(key, tags={"cmx.diverged_epoch": str(result.get(M.EPOCH, "?"))})
             return
-        epoch = int(result.get(M.EPOCH) or result.get("training_iteration") or 0)
+        epoch = M.epochs_of(result)
         if key not in self._checked:
             self._check_last_epoch(key)
         last = int(self.meta["epochs"].get(key, 0))

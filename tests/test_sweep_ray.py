@@ -146,6 +146,7 @@ def test_killed_driver_resumes_without_redoing_finished_trials(
         name="resume",
         epochs=3,
         samples=4,
+        backend="torchvision",
         scheduler={"name": "none"},
         search={"max_concurrent": 1},
     )

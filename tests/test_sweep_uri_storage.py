@@ -31,7 +31,9 @@ def test_storage_files_on_a_uri(tmp_path: Path) -> None:
 
 def test_resume_by_name_from_uri_storage(tmp_path: Path, fmnist_tiny: dict[str, str], own_ray_tmp: str) -> None:
     name = "uri-store"
-    path = write_spec(tmp_path, fmnist_tiny, name=name, epochs=1, samples=2, scheduler={"name": "none"})
+    path = write_spec(
+        tmp_path, fmnist_tiny, name=name, epochs=1, samples=2, backend="torchvision", scheduler={"name": "none"}
+    )
     storage = f"file://{tmp_path}/remote"
     env = {**os.environ, RAY_TMP_ENV: own_ray_tmp}
     first = subprocess.run(
