@@ -1,5 +1,8 @@
-"""`cmx train --workers 2`: the same loop under Ray Train's TorchTrainer (gloo on CPU, FFCV's
-distributed loader, DDP), and a worker killed mid-run that the restarted group resumes exactly."""
+"""`cmx train --workers 2`: the same loop under Ray Train's TorchTrainer (gloo on CPU, a sharded
+loader, DDP), and a worker killed mid-run that the restarted group resumes exactly.
+
+The torchvision loader keeps it quick (FFCV's JIT would run again in each of the two workers after
+the restart); FFCV's sharding is tested on real gloo processes in test_data_distributed.py."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 def _run_yaml(export, tmp_path: Path, epochs: int) -> Path:  # noqa: ANN001
     # batch 10: each rank takes 10 steps per epoch on its half of the 200 training images
-    cfg = train_config(export, backend="ffcv", data={"batch_size": 10}, loop={"epochs": epochs, "seed": 0})
+    cfg = train_config(export, backend="torchvision", data={"batch_size": 10}, loop={"epochs": epochs, "seed": 0})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     return path
