@@ -1,7 +1,7 @@
 """The README's main command, `examples/search.yaml`, as shipped: its first trial (the known-good
 starting point) runs through the real sweep path and passes 85% val top-1 on the demo's data.
 
-The whole 8-trial demo (~5.5 min on 2 cores, best 86.9%) is measured in the README, not here: CI
+The whole 8-trial demo (4.3-5.5 min on 2 cores, best ~87%) is measured in the README, not here: CI
 has 30 minutes for everything."""
 
 from __future__ import annotations
