@@ -110,6 +110,20 @@ def test_trials_pause_at_rungs_and_only_the_best_resume(
         assert run.info.status in ("FINISHED", "KILLED"), run.info.status
 
 
+def assert_resumed_from_a_checkpoint(epochs: list[int], rows_at_kill: int, name: str) -> None:
+    """No epoch lost; only epochs reported after Tune's last state save before the kill run again.
+
+    A trial running at the kill goes on from the checkpoint that state recorded, so it may redo the
+    epoch(s) it finished in the last second (`TUNE_GLOBAL_CHECKPOINT_S=1`); nothing earlier is redone.
+    """
+    done, after = epochs[:rows_at_kill], epochs[rows_at_kill:]
+    assert done == list(range(1, len(done) + 1)), f"{name}: epochs before the kill {done}"
+    if after:
+        first = after[0]
+        assert after == list(range(first, first + len(after))), f"{name}: epochs after the resume {after}"
+        assert len(done) - 2 < first <= len(done) + 1, f"{name}: {done} then {after}: lost or redid more than 2"
+
+
 @pytest.mark.slow
 def test_killed_promotion_sweep_resumes_with_its_waiting_trials_still_waiting(
     tmp_path: Path, fmnist_tiny: dict[str, str], own_ray_tmp: str
@@ -147,16 +161,17 @@ def test_killed_promotion_sweep_resumes_with_its_waiting_trials_still_waiting(
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     kill_ray_started_with(own_ray_tmp)
+    before = {d.name: len(trial_rows(d)) for d in exp.glob("trial_*")}
     out = subprocess.run([cmx, "sweep", "--space", str(path)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming sweep promokill" in out.stderr
     status = sweep_status(exp)
     assert status["complete"] and len(status["trials"]) == 8, status
-    epochs = {d.name: [r["training_iteration"] for r in trial_rows(d)] for d in exp.glob("trial_*")}
+    epochs = {d.name: [r["epoch"] for r in trial_rows(d)] for d in exp.glob("trial_*")}
     assert len(epochs) == 8
     for name, its in epochs.items():
-        assert its == list(range(1, len(its) + 1)), f"{name}: epochs {its}"  # none lost, none run twice
-    n = {name: len(its) for name, its in epochs.items()}
+        assert_resumed_from_a_checkpoint(its, before.get(name, 0), name)
+    n = {name: max(its) for name, its in epochs.items()}
     assert sum(c == 1 for c in n.values()) >= 3, n  # the weak ones still waited after the resume
     assert max(n.values()) == 4 and sum(n.values()) <= 20, n
 
