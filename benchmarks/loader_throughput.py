@@ -101,7 +101,7 @@ def epochs_of(loader: Any) -> Callable[[int], Iterable[Any]]:
 
 
 def cmx_loader(backend: str, path: Path, args: argparse.Namespace) -> Any:
-    from cmx.config import DataConfig
+    from cmx.core.config import DataConfig
     from cmx.pipelines.loaders import build_loader
 
     cfg = DataConfig(
@@ -121,12 +121,14 @@ def plain_torchvision(folder: Path, args: argparse.Namespace) -> Any:
     from torchvision import datasets
     from torchvision import transforms as T
 
+    from cmx.core.config import IMAGENET_MEAN, IMAGENET_STD
+
     tf = T.Compose(
         [
             T.RandomResizedCrop(args.resolution),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
-            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
     ds = datasets.ImageFolder(str(folder), transform=tf)
@@ -137,11 +139,11 @@ ONE_TIME = r"""
 import sys, time, json
 t0 = time.perf_counter()
 import torch
-from cmx.pipelines.loaders import ffcv_imported
+from cmx.pipelines.ffcv_compat import ffcv_imported
 with ffcv_imported():
     pass
 t1 = time.perf_counter()
-from cmx.config import DataConfig
+from cmx.core.config import DataConfig
 from cmx.pipelines.loaders import build_loader
 cfg = DataConfig(train_path=sys.argv[1], batch_size=int(sys.argv[2]), num_workers=int(sys.argv[3]),
                  resolution=int(sys.argv[4]))
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from cmx.home import cmx_home
+    from cmx.core.paths import cmx_home
     from cmx.pipelines.beton import convert_image_folder
 
     torch.set_num_threads(args.workers)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from machine import machine_info  # noqa: E402
 
-from cmx.metrics import MODES, TRAIN_LOSS, VAL_TOP1  # noqa: E402
+from cmx.core.metrics import MODES, TRAIN_LOSS, VAL_TOP1  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 EARLY_METRICS = {m: 1.0 if MODES[m] == "max" else -1.0 for m in (VAL_TOP1, TRAIN_LOSS)}  # sign: higher is better
@@ -112,8 +112,8 @@ def run(path: Path) -> dict[str, Any]:
     """Run one sweep; return best metric, epochs spent, wall time and per-trial overheads."""
     import ray
 
-    from cmx.sweep import run_sweep
-    from cmx.sweep_config import load_sweep_spec
+    from cmx.core.sweep_spec import load_sweep_spec
+    from cmx.sweep.tuner import run_sweep
 
     spec = load_sweep_spec(path)
     t0 = time.perf_counter()

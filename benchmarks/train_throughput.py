@@ -42,10 +42,9 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_throughput.json"
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]  # loader_throughput, train_fixtures
 from machine import machine_info  # noqa: E402
 
-FMNIST_MEAN = (0.286, 0.286, 0.286)
-FMNIST_STD = (0.353, 0.353, 0.353)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cmx.core.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+FMNIST_MEAN, FMNIST_STD = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 
 @dataclass
@@ -104,7 +103,7 @@ def jpeg_case(images: int, resolution: int, args: argparse.Namespace) -> Case:
     """loader_throughput's synthetic ImageNet-like JPEGs (300-500 px) as a folder and a JPEG-mode .beton."""
     from loader_throughput import make_jpeg_folder
 
-    from cmx.home import cmx_home
+    from cmx.core.paths import cmx_home
     from cmx.pipelines.beton import convert_image_folder
 
     root = cmx_home() / "bench" / "loader"
@@ -136,7 +135,7 @@ class CmxPath:
     """cmx's training path, built by the trainer's own functions from one TrainConfig."""
 
     def __init__(self, case: Case, args: argparse.Namespace, limit: int) -> None:
-        from cmx.config import TrainConfig
+        from cmx.core.config import TrainConfig
         from cmx.pipelines import trainer
 
         self.trainer = trainer

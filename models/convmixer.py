@@ -19,7 +19,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from cmx.errors import ModelError
+from cmx.core.config import CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from cmx.core.errors import ModelError
 from cmx.models.registry import ModelCfg, register_model
 
 __all__ = ["ConvMixer", "MixedDepthwiseConv2d", "build_convmixer", "resolve_kernel_sizes"]
@@ -30,11 +31,6 @@ KernelSize = Union[int, Sequence[Union[int, Sequence[int]]], Sequence[Mapping[st
 
 ACT_LAYERS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 GLOBAL_POOLS = ("avg", "max")
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
-FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 
 
 # ----------------------------------------------------------------------------- kernel specs

@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmx.models.convmixer import ConvMixer
-from cmx.models.registry import create_model, get_model_cfg
+from cmx.models.factory import create_model
+from cmx.models.registry import get_model_cfg
 
 InputSize = int | tuple[int, int] | tuple[int, int, int]
 

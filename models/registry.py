@@ -2,7 +2,7 @@
 
 `@register_model` records a function returning a `ModelCfg`; `get_model_cfg(name)` reads a
 variant's settings without building it (cheap: the CLI lists every variant this way), and
-`create_model(name, **overrides)` builds it. Mirrors timm's registry, minus pretrained downloads.
+`cmx.models.factory.create_model(name, **overrides)` builds it. Mirrors timm's registry, minus pretrained downloads.
 """
 
 from __future__ import annotations
@@ -11,15 +11,10 @@ import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cmx.errors import ModelError
-
-if TYPE_CHECKING:
-    from cmx.models.convmixer import ConvMixer
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cmx.core.config import IMAGENET_MEAN, IMAGENET_STD
+from cmx.core.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -81,10 +76,3 @@ def get_model_cfg(name: str) -> ModelCfg:
         hint = f"did you mean {close[0]!r}?" if close else "see `cmx models list`"
         raise ModelError(f"unknown model {name!r}", hint)
     return fn()
-
-
-def create_model(name: str, **overrides: Any) -> ConvMixer:
-    """Build a registered variant; `overrides` replace its ConvMixer constructor arguments."""
-    from cmx.models.convmixer import build_convmixer
-
-    return build_convmixer(name, get_model_cfg(name), **overrides)

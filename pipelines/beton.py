@@ -11,11 +11,9 @@ mapping as torchvision's `ImageFolder`), counts, skipped files and the write opt
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import multiprocessing as mp
 import os
-import queue
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +24,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cmx.errors import ConfigError, DataError
+from cmx.core.errors import ConfigError, DataError
+from cmx.pipelines.ffcv_compat import ffcv_imported, watched_writer_class
 from cmx.pipelines.images import (
     FolderScan,
     ImageCheck,
@@ -388,108 +387,6 @@ class _ImageSamples:
         return load_rgb_array(path), int(label)
 
 
-def _guarded_worker(errors: Any, work_fn: Callable[..., None], *args: Any) -> None:
-    """Run one FFCV writer worker; an exception is reported to the parent instead of hanging it."""
-    try:
-        work_fn(*args)
-    except BaseException as e:  # the parent must hear about every way a worker stops
-        message = e.one_line() if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
-        errors.put(message)
-        sys.exit(1)
-
-
-def _make_writer_class() -> type:
-    """FFCV's DatasetWriter with `_write_common` replaced by a watched version.
-
-    FFCV's own loop waits `while done != num_samples: sleep(0.1)`: a worker that raises (a non-RGB
-    or non-uint8 image, a page overflow) leaves it waiting forever (stack notes, FFCV section).
-    """
-    from ffcv.memory_allocator import MemoryAllocator
-    from ffcv.writer import DatasetWriter
-
-    class WatchedWriter(DatasetWriter):
-        stall_timeout: float = 600.0
-        on_progress: Callable[[int], None] = staticmethod(lambda n: None)
-
-        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):  # type: ignore[override]
-            ctx = mp.get_context("fork")  # FFCV passes shared memory and an allocator by inheritance
-            self.num_samples = num_samples
-            self.prepare()
-            procs: list[Any] = []
-            try:
-                workqueue = ctx.Queue()
-                for todo in queue_content:
-                    workqueue.put(todo)
-                for _ in range(self.num_workers):
-                    workqueue.put(None)
-                allocations_queue, errors = ctx.Queue(), ctx.Queue()
-                done_number = ctx.Value(ctypes.c_uint64, 0)
-                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-                worker_args = (
-                    workqueue,
-                    self.metadata_sm,
-                    self.metadata_type,
-                    self.fields,
-                    allocator,
-                    done_number,
-                    allocations_queue,
-                    *extra_worker_args,
-                )
-                procs = [
-                    ctx.Process(target=_guarded_worker, args=(errors, work_fn, *worker_args), daemon=True)
-                    for _ in range(self.num_workers)
-                ]
-                for p in procs:
-                    p.start()
-                self._watch(procs, errors, done_number, num_samples)
-                allocations: list[Any] = []
-                while len(allocations) < len(procs):
-                    try:
-                        allocations.append(allocations_queue.get(timeout=0.2))
-                    except queue.Empty:
-                        self._check_workers(procs, errors, finished=False)
-                for p in procs:
-                    p.join(timeout=30)
-                self.finalize([a for chunk in allocations for a in chunk])
-            finally:
-                for p in procs:
-                    if p.is_alive():
-                        p.kill()
-                        p.join(timeout=5)
-                self.metadata_sm.close()
-                self.metadata_sm.unlink()
-
-        def _check_workers(self, procs: list[Any], errors: Any, finished: bool) -> None:
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if not dead and not (finished and all(p.exitcode == 0 for p in procs)):
-                return
-            try:
-                message = errors.get(timeout=1.0)
-            except queue.Empty:
-                code = dead[0].exitcode if dead else 0
-                message = f"a writer process stopped (exit code {code})"
-            raise DataError(f"{self.fname}: FFCV writer failed: {message}", "fix the input and re-run")
-
-        def _watch(self, procs: list[Any], errors: Any, done_number: Any, total: int) -> None:
-            previous, last_change = 0, time.monotonic()
-            while True:
-                done = int(done_number.value)
-                if done != previous:
-                    self.on_progress(done - previous)
-                    previous, last_change = done, time.monotonic()
-                if done >= total:
-                    return
-                self._check_workers(procs, errors, finished=True)
-                if time.monotonic() - last_change > self.stall_timeout:
-                    raise DataError(
-                        f"{self.fname}: FFCV writer made no progress for {self.stall_timeout:.0f} s",
-                        "check disk space and memory, then re-run",
-                    )
-                time.sleep(0.05)
-
-    return WatchedWriter
-
-
 def _page_size_for(max_sample_bytes: int) -> int:
     """Smallest power of two >= 8 MiB (FFCV's default) that holds the largest sample twice over.
 
@@ -529,12 +426,11 @@ def write_beton(
         raise ConfigError(f"write mode {write_mode!r}: expected one of {', '.join(WRITE_MODES)}")
     if len(dataset) == 0:
         raise DataError(f"{out}: nothing to write (0 samples)", "check the source folder")
-    from cmx.pipelines.loaders import ffcv_imported
 
     with ffcv_imported():
         from ffcv.fields import IntField, RGBImageField
 
-        writer_cls = _make_writer_class()
+        writer_cls = watched_writer_class()
     workers = max(1, min(workers or os.cpu_count() or 1, len(dataset)))
     page_size = _page_size_for(max_sample_bytes or 0)
     fields = {

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmx.errors import CheckpointError
+from cmx.core.errors import CheckpointError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmx.errors import DataError
-from cmx.file_lock import file_lock
+from cmx.core.errors import DataError
+from cmx.core.files import file_lock
 
 META_SUFFIX = ".cmx-cache.json"
 

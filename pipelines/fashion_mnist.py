@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmx.errors import DataError
+from cmx.core.errors import ConfigError, DataError
+from cmx.pipelines.beton import _progress, convert_image_folder, sidecar_path
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_LABELS = (
@@ -115,8 +116,6 @@ def _select(labels: np.ndarray, limit_per_class: int | None) -> np.ndarray:
 def _write_folder(out: Path, images: np.ndarray, labels: np.ndarray, idx: np.ndarray, progress: bool) -> None:
     from PIL import Image
 
-    from cmx.pipelines.beton import _progress
-
     for name in CLASS_DIRS:
         (out / name).mkdir(parents=True, exist_ok=True)
     with _progress(len(idx), f"export {out.name}", progress) as advance:
@@ -139,12 +138,9 @@ def export_fashion_mnist(
     The `.beton` files are converted from the exported JPEGs (raw mode, no resizing), so both
     loader backends see identical pixels.
     """
-    from cmx.pipelines.beton import convert_image_folder, sidecar_path
 
     out_dir = Path(out_dir).expanduser()
     if limit_per_class is not None and limit_per_class < 1:
-        from cmx.errors import ConfigError
-
         raise ConfigError(f"--limit-per-class {limit_per_class}: must be >= 1")
     params = {"version": EXPORT_VERSION, "limit_per_class": limit_per_class, "betons": write_betons}
     marker = out_dir / MARKER

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from cmx.errors import DataError
+from cmx.core.errors import DataError
 
 # Transparent pixels are composited onto white: what a viewer shows, and deterministic (the RGB
 # values under alpha=0 are arbitrary, often black, in PNGs written by common tools).

@@ -9,26 +9,32 @@ FFCV 1.0.2 traps handled here (stack notes, FFCV section):
   before `ToTensor`; `check_pipeline_order` rejects any other order before FFCV sees it;
 - `import ffcv`, every `Loader()` and every epoch call `torch.set_num_threads`: we restore it;
 - FFCV's epoch thread dies silently on an exception and the consumer waits forever; breaking out
-  of an epoch leaks that thread: `_GuardedEpochIterator` reports errors and always stops it;
+  of an epoch leaks that thread: `ffcv_compat.guarded_epoch_iterator_class` reports errors and always stops it;
 - batches live in 5 reused buffers: labels are always copied, images with `clone=True`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import math
-import queue
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from cmx.config import DataConfig
-from cmx.errors import ConfigError, DataError
+from cmx.core.config import DataConfig
+from cmx.core.errors import ConfigError, DataError
+from cmx.pipelines.beton import dataset_info, evenly_spaced, read_beton
+from cmx.pipelines.data_cache import local_data_path
+from cmx.pipelines.ffcv_compat import (
+    check_pipeline_order,
+    ffcv_imported,
+    guarded_epoch_iterator_class,
+    keep_torch_threads,
+)
+from cmx.pipelines.images import find_classes, load_rgb, scan_image_folder
 
 if TYPE_CHECKING:
     import torch
@@ -54,68 +60,6 @@ class Loader(Protocol):
 # --------------------------------------------------------------------------- FFCV side effects
 
 
-@contextlib.contextmanager
-def keep_torch_threads() -> Iterator[None]:
-    """Undo any `torch.set_num_threads` done inside (ffcv sets it to its worker count)."""
-    import torch
-
-    n = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-
-
-@contextlib.contextmanager
-def ffcv_imported() -> Iterator[Any]:
-    """`import ffcv` (4.4 s here) without its side effect: it sets torch to 1 thread on import."""
-    with keep_torch_threads():
-        try:
-            yield importlib.import_module("ffcv")
-        except ImportError as e:
-            raise DataError(
-                f"FFCV is not importable ({e})",
-                "run `make setup` (or use data.backend=torchvision)",
-            ) from None
-
-
-def check_pipeline_order(path: str | Path, pipelines: dict[str, list[Any]]) -> None:
-    """Reject a compiled FFCV op after a plain one, before FFCV sees the pipeline.
-
-    FFCV 1.0.2's `Graph.group_operations` never empties its `next_front` set, so a pipeline that
-    needs a third stage (compiled -> plain -> compiled, e.g. NormalizeImage after ToTorchImage on
-    CPU) loops forever inside `Loader()` itself. We compute each op's compiled/plain state with
-    FFCV's own `collect_requirements` (which does not loop) and refuse such orders.
-    """
-    from ffcv.pipeline import PipelineSpec
-    from ffcv.pipeline.graph import Graph
-    from ffcv.reader import Reader
-
-    reader = Reader(str(path))
-    # PipelineSpec pops the decoder off the list it is given: hand it copies.
-    specs = {name: PipelineSpec(name, decoder=None, transforms=list(ops)) for name, ops in pipelines.items()}
-    f_ix = {name: i for i, name in enumerate(reader.handlers)}
-    graph = Graph(specs, reader.handlers, f_ix, reader.metadata, None)
-    graph.collect_requirements()  # sets each TransformNode's `jitted` from its declared state
-    for output, leaf in graph.leaf_nodes.items():
-        chain, node = [], leaf
-        while node is not None:
-            chain.append(node)
-            node = node.parent
-        seen_plain = None
-        for node in reversed(chain):
-            op = getattr(node, "operation", None) or getattr(node, "decoder", None)
-            if node.is_jitted is False and seen_plain is None:
-                seen_plain = type(op).__name__
-            elif node.is_jitted and seen_plain is not None:
-                raise ConfigError(
-                    f"FFCV pipeline {output!r}: compiled {type(op).__name__} after plain {seen_plain}; "
-                    "FFCV 1.0.2 loops forever on this",
-                    "on CPU put NormalizeImage before ToTensor (only after ToDevice(cuda) may it follow)",
-                )
-
-
 # --------------------------------------------------------------------------- shared pieces
 
 
@@ -137,7 +81,6 @@ def _auto_distributed(distributed: bool | None) -> tuple[bool, int, int]:
 
 def subset_indices(n: int, limit: int | None) -> np.ndarray:
     """`limit` evenly spaced sample indices (every class of a class-sorted dataset appears)."""
-    from cmx.pipelines.beton import evenly_spaced
 
     return evenly_spaced(n, limit)
 
@@ -222,103 +165,6 @@ class _Base:
 
 # --------------------------------------------------------------------------- FFCV backend
 
-_FAILED = object()
-# The first batch of a new Loader JIT-compiles for 6-12 s on a 2-core CPU; ten times a slow one.
-BATCH_TIMEOUT_S = 300.0
-
-
-def _guarded_epoch_iterator_class() -> type:
-    from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
-
-    class GuardedEpochIterator(EpochIterator):
-        """FFCV's epoch thread with errors reported, no torch thread changes, and a clean stop."""
-
-        error: BaseException | None = None
-
-        def _put(self, item: Any) -> bool:
-            while not self.terminate_event.is_set():
-                try:
-                    self.output_queue.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def run(self) -> None:
-            import numba
-
-            events: list[Any] = [None] * len(self.cuda_streams)
-            slots = self.loader.batches_ahead + 2
-            try:
-                # FFCV calls Compiler.set_num_threads here, which also sets torch's thread count.
-                numba.set_num_threads(max(1, min(self.loader.num_workers, numba.config.NUMBA_NUM_THREADS)))
-                for b_ix, ixes in enumerate(self.iter_ixes):
-                    slot = self.current_batch_slot
-                    self.current_batch_slot = (slot + 1) % slots
-                    result = self.run_pipeline(b_ix, ixes, slot, events[slot])
-                    if not self._put((slot, result)):
-                        return
-                    if IS_CUDA:  # same bookkeeping as FFCV: keep a slot until its batch is consumed
-                        import torch
-
-                        event = torch.cuda.Event()
-                        event.record(self.current_stream)
-                        events[(slot - self.loader.batches_ahead - 1) % slots] = event
-                self._put(None)
-            except BaseException as e:  # reported to the consumer instead of dying silently
-                self.error = e
-                self._put(_FAILED)
-
-        def next_batch(self, fname: str) -> tuple[Any, ...] | None:
-            waited_since = time.monotonic()
-            while True:
-                try:
-                    item = self.output_queue.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if not self.is_alive() and self.output_queue.empty():
-                        raise DataError(
-                            f"{fname}: FFCV loader thread stopped", "re-run; report if it repeats"
-                        ) from None
-                    if time.monotonic() - waited_since > BATCH_TIMEOUT_S:
-                        # e.g. FFCV's page reader blocks forever on a failed read of the file
-                        raise DataError(
-                            f"{fname}: no batch from FFCV for {BATCH_TIMEOUT_S:.0f} s",
-                            "check the file's storage (`cmx data verify`)",
-                        ) from None
-            if item is None:
-                return None
-            if item is _FAILED:
-                err = self.error
-                raise DataError(
-                    f"{fname}: decoding failed ({type(err).__name__}: {err})",
-                    "run `cmx data verify` on the file",
-                ) from err
-            slot, result = item
-            if IS_CUDA:
-                self.current_stream.wait_stream(self.cuda_streams[slot])
-            return result
-
-        def shutdown(self, timeout: float = 30.0) -> None:
-            self.terminate_event.set()
-            deadline = time.monotonic() + timeout
-            while self.is_alive() and time.monotonic() < deadline:
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        self.output_queue.get_nowait()
-                self.join(0.05)
-            if self.is_alive():
-                log.warning("FFCV epoch thread did not stop within %.0f s", timeout)
-                return  # its buffers stay mapped: freeing them under a running thread would crash
-            if not self.closed:
-                self.closed = True
-                self.memory_context.__exit__(None, None, None)
-
-        def close(self) -> None:  # FFCV's close frees buffers even while the thread runs
-            self.shutdown()
-
-    return GuardedEpochIterator
-
 
 def _cupy_available() -> bool:
     try:
@@ -335,8 +181,6 @@ class FFCVLoader(_Base):
     def __init__(self, path: Path, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         import torch
-
-        from cmx.pipelines.beton import dataset_info, read_beton
 
         cfg = self.cfg
         self.path = path
@@ -441,7 +285,7 @@ class FFCVLoader(_Base):
                 drop_last=self.drop_last,
                 batches_ahead=cfg.batches_ahead,
             )
-            self._iterator_cls = _guarded_epoch_iterator_class()
+            self._iterator_cls = guarded_epoch_iterator_class()
         if self._normalize_in_torch:
             self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
             self._inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).view(1, 3, 1, 1)
@@ -537,8 +381,6 @@ class FFCVCenterCrop:
 
 def _folder_dataset_class() -> type:
     from torchvision.datasets import ImageFolder
-
-    from cmx.pipelines.images import find_classes, load_rgb, scan_image_folder
 
     class CmxImageFolder(ImageFolder):
         """`ImageFolder` with cmx's class list, file order and RGB conversion (as the writer)."""
@@ -708,7 +550,6 @@ def build_loader(
     raw = cfg.train_path if split == "train" else cfg.val_path
     if not raw:
         raise ConfigError(f"data.{split}_path is not set", f"set data.{split}_path to a .beton or ImageFolder")
-    from cmx.pipelines.data_cache import local_data_path
 
     # With data.cache_dir set, shared (NFS / s3://) data is read from a node-local copy.
     path = local_data_path(str(raw), cfg.cache_dir)

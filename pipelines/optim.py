@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmx.config import OptimConfig
+from cmx.core.config import OptimConfig
 
 # Every normalisation layer torch ships: BatchNorm*/InstanceNorm*/SyncBatchNorm share _NormBase.
 NORM_TYPES: tuple[type[nn.Module], ...] = (

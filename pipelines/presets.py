@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from cmx.errors import ConfigError
+from cmx.core.errors import ConfigError
 
 # The paper's ImageNet-1k recipe (Trockman & Kolter, "Patches Are All You Need?", timm command in
 # the official repo): `train.py --model convmixer_1536_20 -b 64 (x10 GPUs) --opt adamw --epochs 150

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cmx.config import ScheduleConfig
-from cmx.errors import ConfigError
+from cmx.core.config import ScheduleConfig
+from cmx.core.errors import ConfigError
 
 Multiplier = Callable[[int], float]
 

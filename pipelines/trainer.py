@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmx import metrics as M
-from cmx.config import DataConfig, TrainConfig, dump_yaml
-from cmx.errors import CheckpointError, ConfigError, DataError
+from cmx.core import metrics as M
+from cmx.core.config import DataConfig, TrainConfig, dump_yaml
+from cmx.core.errors import CheckpointError, ConfigError, DataError
+from cmx.models import create_model
 from cmx.pipelines import distributed as dist
 from cmx.pipelines.checkpoint import (
     CHECKPOINT_FILE,
@@ -41,6 +42,7 @@ from cmx.pipelines.checkpoint import (
     set_rng_state,
 )
 from cmx.pipelines.cpu_allocator import keep_freed_memory
+from cmx.pipelines.loaders import build_loader
 from cmx.pipelines.optim import create_optimizer
 from cmx.pipelines.schedules import build_scheduler
 
@@ -218,7 +220,6 @@ def _require(path: str | None, key: str) -> str:
 
 def create_train_loader(config: TrainConfig, rt: Runtime) -> Any:
     """The training loader (FFCV or torchvision per `data.backend`), sharded under DDP."""
-    from cmx.pipelines.loaders import build_loader
 
     _require(config.data.train_path, "data.train_path")
     return build_loader(config.data, "train", device=str(rt.device), seed=config.loop.seed, distributed=rt.world > 1)
@@ -226,7 +227,6 @@ def create_train_loader(config: TrainConfig, rt: Runtime) -> Any:
 
 def create_val_loader(data: DataConfig, rt: Runtime, seed: int = 0) -> Any:
     """The validation loader (sequential, centre crop), sharded under DDP."""
-    from cmx.pipelines.loaders import build_loader
 
     _require(data.val_path, "data.val_path")
     return build_loader(data, "val", device=str(rt.device), seed=seed, distributed=rt.world > 1)
@@ -261,7 +261,6 @@ def _memory_format(config: TrainConfig) -> torch.memory_format:
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """The registry model with the config's overrides and the data's class count (CPU)."""
-    from cmx.models import create_model
 
     model = create_model(config.model.name, num_classes=num_classes, **config.model.overrides())
     check = getattr(model, "validate_input_size", None)

@@ -13,7 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from cmx.ray_runtime import RAY_TMP_ENV
+from cmx.cluster.runtime import RAY_TMP_ENV
 
 
 def private_ray_tmp() -> str:

@@ -14,7 +14,7 @@ from ray.train import Checkpoint, CheckpointConfig
 from ray.train._internal.checkpoint_manager import _CheckpointManager
 from ray.train._internal.session import _TrainingResult
 
-from cmx.checkpoint_retention import SAVES_BEFORE_DELETE, CheckpointRetention, superseded
+from cmx.sweep.checkpoint_retention import SAVES_BEFORE_DELETE, CheckpointRetention, superseded
 
 METRIC = "val/top1"
 

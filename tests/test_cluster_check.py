@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from cmx.cli import main
-from cmx.cluster_check import check_cluster_file, ray_validate
-from cmx.errors import ConfigError
+from cmx.cli.main import main
+from cmx.cluster.check import check_cluster_file, ray_validate
+from cmx.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 AWS = REPO / "cluster" / "config.yaml"

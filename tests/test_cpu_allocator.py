@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(glibc_version() is None, reason="glibc only")
 PROBE = r"""
 import json, resource, sys
 import torch
-from cmx.config import TrainConfig
+from cmx.core.config import TrainConfig
 from cmx.pipelines import cpu_allocator
 from cmx.pipelines.trainer import setup_runtime
 
@@ -76,7 +76,7 @@ def test_user_allocator_settings_are_left_alone() -> None:
 def test_cpu_allocator_is_a_validated_field() -> None:
     from pydantic import ValidationError
 
-    from cmx.config import TrainConfig
+    from cmx.core.config import TrainConfig
 
     assert TrainConfig().loop.cpu_allocator == "keep"
     with pytest.raises(ValidationError, match="cpu_allocator"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from data_fixtures import CLASSES, make_clean_folder, make_dirty_folder
 
-from cmx.errors import ConfigError, DataError
+from cmx.core.errors import ConfigError, DataError
 from cmx.pipelines.beton import (
     convert_image_folder,
     dataset_info,
@@ -71,7 +71,7 @@ def test_labels_equal_folder_classes_and_raw_pixels_equal_pil(converted, dirty) 
 
 
 def test_reader_agrees_with_ffcv(converted) -> None:
-    from cmx.pipelines.loaders import ffcv_imported
+    from cmx.pipelines.ffcv_compat import ffcv_imported
 
     with ffcv_imported():
         from ffcv.reader import Reader

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cmx.config import DataConfig
-from cmx.errors import DataError
+from cmx.core.config import DataConfig
+from cmx.core.errors import DataError
 from cmx.pipelines.data_cache import META_SUFFIX, cache_name, fetch_to_cache, local_data_path
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import make_dirty_folder
 
-from cmx import cli_data
+from cmx.cli import data as cli_data
 from cmx.pipelines import beton
 
 CMX = str(Path(sys.executable).parent / "cmx")

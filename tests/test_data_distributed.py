@@ -19,7 +19,7 @@ from cmx.pipelines.images import load_rgb_array, scan_image_folder
 WORKER = r"""
 import hashlib, json, sys
 import numpy as np, torch, torch.distributed as dist
-from cmx.config import AugmentConfig, DataConfig
+from cmx.core.config import AugmentConfig, DataConfig
 from cmx.pipelines.loaders import build_loader
 
 rank, store, beton, folder, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]

@@ -13,11 +13,12 @@ import pytest
 import torch
 from data_fixtures import CLASSES, make_clean_folder, make_square_folder
 
-from cmx.config import AugmentConfig, DataConfig, ProgressiveResize, validate_config
-from cmx.errors import ConfigError, DataError
+from cmx.core.config import AugmentConfig, DataConfig, ProgressiveResize, validate_config
+from cmx.core.errors import ConfigError, DataError
 from cmx.pipelines.beton import convert_image_folder
+from cmx.pipelines.ffcv_compat import check_pipeline_order, ffcv_imported
 from cmx.pipelines.images import load_rgb_array, scan_image_folder
-from cmx.pipelines.loaders import Loader, build_loader, check_pipeline_order, ffcv_imported
+from cmx.pipelines.loaders import Loader, build_loader
 
 pytestmark = pytest.mark.timeout(300)
 UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # outputs are pixel / 255

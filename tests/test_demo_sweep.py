@@ -16,7 +16,7 @@ import pytest
 import yaml
 from train_fixtures import fmnist_10k  # noqa: F401  (fixture)
 
-from cmx.ray_runtime import RAY_TMP_ENV
+from cmx.cluster.runtime import RAY_TMP_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmx.errors import ModelError
+from cmx.core.errors import ModelError
 from cmx.models import (
     ConvMixer,
     ModelCfg,

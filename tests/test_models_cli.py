@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cmx.cli import cli, main
+from cmx.cli.main import cli, main
 from cmx.models import list_models
 
 CMX = Path(sys.executable).parent / "cmx"
@@ -84,7 +84,7 @@ def test_models_errors_are_one_line(args: list[str], message: str, capsys: pytes
 
 
 def test_cli_models_module_imports_no_torch() -> None:
-    code = "import sys, cmx.cli_models; assert 'torch' not in sys.modules"
+    code = "import sys, cmx.cli.models; assert 'torch' not in sys.modules"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 

@@ -33,7 +33,7 @@ def test_import_platform_from_repo_root_gives_stdlib() -> None:
 
 
 def test_cmx_imports_as_namespace_mapped_packages() -> None:
-    code = "import cmx.config, cmx.models, cmx.pipelines; print(cmx.config.__file__)"
+    code = "import cmx.core.config, cmx.models, cmx.pipelines; print(cmx.core.config.__file__)"
     out = run([PY, "-c", code], cwd=Path("/"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("config.py")
@@ -78,7 +78,9 @@ def test_non_editable_wheel_contains_the_mapped_packages(tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr[-2000:]
     wheel = next(tmp_path.glob("cmx-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "cmx/cli.py" in names and "cmx/config.py" in names
+    assert "cmx/cli/main.py" in names and "cmx/core/config.py" in names
+    for sub in ("core", "cli", "sweep", "tracking", "cluster"):
+        assert f"cmx/{sub}/__init__.py" in names, sub
     assert any(n.startswith("cmx/models/") for n in names)
     assert any(n.startswith("cmx/pipelines/") for n in names)
     assert not any(n.startswith("platform/") for n in names)

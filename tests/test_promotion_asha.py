@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from test_sweep_ray import ray_local, trial_rows, write_spec  # noqa: F401 - ray_local is a fixture
 
-from cmx.promotion_asha import RungBook, rung_milestones
-from cmx.sweep import run_sweep
-from cmx.sweep_config import load_sweep_spec
+from cmx.core.sweep_spec import load_sweep_spec
+from cmx.sweep.promotion_asha import RungBook, rung_milestones
+from cmx.sweep.tuner import run_sweep
 
 pytestmark = pytest.mark.timeout(900)
 PROMOTION = {"name": "asha-promotion", "grace_period": 1, "reduction_factor": 2, "metric": "train/loss"}
@@ -46,7 +46,7 @@ def test_only_the_top_fraction_of_a_rung_is_promotable_once() -> None:
 
 
 def test_malformed_combination_is_one_clear_error(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
-    from cmx.errors import ConfigError
+    from cmx.core.errors import ConfigError
 
     path = promotion_spec(tmp_path, fmnist_tiny, "bad", search={"algorithm": "grid", "max_concurrent": 1})
     with pytest.raises(ConfigError, match=r"asha-promotion cannot cap the trials at once for search.algorithm: grid"):
@@ -96,8 +96,8 @@ def test_trials_pause_at_rungs_and_only_the_best_resume(
     again = run_sweep(spec, source_text=path.read_text())
     assert again.resumed and {t["path"]: t["epochs"] for t in again.trials} == epochs
     # MLflow: one run per trial, every epoch once across the pauses, ended as Tune ended the trial.
-    from cmx import metrics as M
-    from cmx.tracking import TAG_ROLE, TAG_TRIAL, make_client
+    from cmx.core import metrics as M
+    from cmx.tracking.store import TAG_ROLE, TAG_TRIAL, make_client
 
     client = make_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("promo8")
@@ -138,8 +138,8 @@ def test_killed_promotion_sweep_resumes_with_its_waiting_trials_still_waiting(
 
     from ray_procs import kill_ray_started_with
 
-    from cmx.ray_runtime import RAY_TMP_ENV
-    from cmx.sweep import sweep_status
+    from cmx.cluster.runtime import RAY_TMP_ENV
+    from cmx.sweep.results import sweep_status
 
     cmx = str(Path(sys.executable).parent / "cmx")
     path = promotion_spec(tmp_path, fmnist_tiny, "promokill")
@@ -182,7 +182,7 @@ def test_progress_line_counts_waiting_trials() -> None:
 
     from rich.console import Console
 
-    from cmx.sweep_progress import RichSweepProgress
+    from cmx.sweep.progress import RichSweepProgress
 
     cb = RichSweepProgress(total=4, metric="val/top1", mode="max", max_epochs=4, console=Console(file=io.StringIO()))
     trials = [
@@ -205,7 +205,7 @@ def test_data_parallel_trials_pause_and_resume_and_release_cpus(tmp_path: Path, 
 
     import ray
 
-    from cmx.ray_runtime import init_ray
+    from cmx.cluster.runtime import init_ray
 
     init_ray(num_cpus=3)  # 2 workers x 1 CPU plus the trial driver's 0.01 CPU: one trial at a time
     try:

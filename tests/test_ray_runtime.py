@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from ray_procs import kill_ray_started_with, private_ray_tmp
 
-from cmx.ray_runtime import RAY_TMP_ENV
+from cmx.cluster.runtime import RAY_TMP_ENV
 
 START = """
 import sys, time
@@ -20,7 +20,7 @@ go = Path(sys.argv[1])
 while not go.exists():
     time.sleep(0.01)
 import ray
-from cmx.ray_runtime import init_ray
+from cmx.cluster.runtime import init_ray
 init_ray(num_cpus=1)
 print("dashboard", ray._private.worker.get_dashboard_url())
 ray.shutdown()

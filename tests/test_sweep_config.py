@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cmx.cli import main
-from cmx.constraints import evaluate_rule
-from cmx.ray_runtime import NodeCapacity
-from cmx.search_space import decode_params, preview
-from cmx.sweep import ResourcePlan, plan_resources
-from cmx.sweep_config import load_sweep_spec
+from cmx.cli.main import main
+from cmx.cluster.runtime import NodeCapacity
+from cmx.core.constraints import evaluate_rule
+from cmx.core.search_space import decode_params, preview
+from cmx.core.sweep_spec import load_sweep_spec
+from cmx.sweep.resources import ResourcePlan, plan_resources
 
 BASE = {
     "model": {"name": "convmixer_nano"},
@@ -130,7 +130,7 @@ def test_malformed_input_is_one_clear_line(
 
 def test_scheduler_ranks_on_its_own_metric(tmp_path: Path) -> None:
     """scheduler.metric changes what ASHA compares (mode from the metric); the search's objective stays."""
-    from cmx.sweep import build_scheduler
+    from cmx.sweep.tuner import build_scheduler
 
     default = build_scheduler(load_sweep_spec(write(tmp_path, GOOD)))
     assert (default.metric, default._mode) == ("val/top1", "max")

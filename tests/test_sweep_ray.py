@@ -16,10 +16,11 @@ import pytest
 import yaml
 from ray_procs import kill_ray_started_with
 
-from cmx.ray_runtime import RAY_TMP_ENV
-from cmx.search_space import preview
-from cmx.sweep import run_sweep, sweep_status
-from cmx.sweep_config import load_sweep_spec
+from cmx.cluster.runtime import RAY_TMP_ENV
+from cmx.core.search_space import preview
+from cmx.core.sweep_spec import load_sweep_spec
+from cmx.sweep.results import sweep_status
+from cmx.sweep.tuner import run_sweep
 
 pytestmark = pytest.mark.timeout(900)
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def test_asha_sweep_stops_weak_trials_and_finds_best(tmp_path: Path, fmnist_tiny
     assert outcome.best_checkpoint and Path(outcome.best_checkpoint).is_dir()
     assert any(Path(outcome.best_checkpoint).iterdir())
     # The best config is a ready-to-run training config.
-    from cmx.config import load_train_config
+    from cmx.core.config import load_train_config
 
     cfg = load_train_config(outcome.best_config_path)
     assert cfg.model.dim == best["params"]["model.dim"]
@@ -196,7 +197,7 @@ def test_lost_node_trial_resumes_from_checkpoint_on_another(
     monkeypatch.setenv(*WATCHABLE)
     from ray.cluster_utils import Cluster
 
-    from cmx.ray_runtime import OBJECT_STORE_BYTES
+    from cmx.cluster.runtime import OBJECT_STORE_BYTES
 
     cluster = Cluster(
         initialize_head=True,
@@ -255,7 +256,7 @@ def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny:
     import ray
 
     # 2 workers x 1 CPU plus the trial driver's 0.01 CPU: three logical CPUs on this 2-core box.
-    from cmx.ray_runtime import init_ray
+    from cmx.cluster.runtime import init_ray
 
     init_ray(num_cpus=3)
     try:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from test_sweep_ray import trial_rows, write_spec
 
-from cmx.ray_runtime import RAY_TMP_ENV
-from cmx.storage_files import read_text, remove_dir, write_text
-from cmx.sweep import SOURCE_FILE, SPEC_FILE
+from cmx.cluster.runtime import RAY_TMP_ENV
+from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, read_text, remove_dir, write_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CMX = str(Path(sys.executable).parent / "cmx")

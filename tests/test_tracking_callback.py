@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 from test_sweep_ray import write_spec
 
-from cmx import metrics as M
-from cmx.sweep_config import load_sweep_spec
-from cmx.tracking import STATE_FILE, Tracker
-from cmx.tracking_callback import MLflowTrackingCallback, trial_key
+from cmx.core import metrics as M
+from cmx.core.sweep_spec import load_sweep_spec
+from cmx.sweep.mlflow_callback import MLflowTrackingCallback, trial_key
+from cmx.tracking.tracker import STATE_FILE, Tracker
 
 
 def _result(epoch: int) -> dict[str, float]:

@@ -16,7 +16,7 @@ import yaml
 from mlflow_server import free_port
 from test_sweep_ray import base_config, write_spec
 
-from cmx import metrics as M
+from cmx.core import metrics as M
 
 pytestmark = pytest.mark.timeout(300)
 CMX = str(Path(sys.executable).parent / "cmx")

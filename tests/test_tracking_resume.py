@@ -20,8 +20,8 @@ from mlflow_server import MlflowServer, mlflow_server  # noqa: F401 - a fixture
 from ray_procs import kill_ray_started_with, private_ray_tmp
 from test_sweep_ray import trial_rows, write_spec
 
-from cmx import metrics as M
-from cmx.ray_runtime import RAY_TMP_ENV
+from cmx.cluster.runtime import RAY_TMP_ENV
+from cmx.core import metrics as M
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 CMX = str(Path(sys.executable).parent / "cmx")
@@ -48,7 +48,7 @@ def _sweep_runs(uri: str, name: str) -> tuple[Any, list[Any], list[Any]]:
 def _logged_epochs(exp_dir: Path) -> dict[str, int]:
     """Epochs per trial the driver has sent to MLflow so far (its history file has no lag; Tune's
     result files reach the sweep directory only with each state save)."""
-    from cmx.tracking_callback import HISTORY_FILE
+    from cmx.sweep.mlflow_callback import HISTORY_FILE
 
     path = exp_dir / HISTORY_FILE
     counts: dict[str, int] = {}
@@ -130,9 +130,9 @@ def test_server_down_mid_sweep_loses_no_metric(
 ) -> None:
     import ray
 
-    from cmx.sweep import run_sweep
-    from cmx.sweep_config import load_sweep_spec
-    from cmx.tracking import JOURNAL_FILE
+    from cmx.core.sweep_spec import load_sweep_spec
+    from cmx.sweep.tuner import run_sweep
+    from cmx.tracking.tracker import JOURNAL_FILE
 
     name = "trk-outage"
     path = write_spec(tmp_path, fmnist_tiny, name=name, epochs=3, samples=2, backend="torchvision",
@@ -173,7 +173,7 @@ def test_server_down_mid_sweep_loses_no_metric(
     if (exp / JOURNAL_FILE).is_file():  # the sweep ended before the server was back: replay by hand
         from click.testing import CliRunner
 
-        from cmx.cli import cli
+        from cmx.cli.main import cli
 
         out = CliRunner().invoke(cli, ["runs", "replay", str(exp), "--tracking-uri", mlflow_server.uri])
         assert out.exit_code == 0 and "nothing pending" in out.output, out.output

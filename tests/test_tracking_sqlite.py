@@ -6,11 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cmx.tracking import make_client
+from cmx.tracking.store import make_client
 
 OPEN_AND_LOG = """
 import sys
-from cmx.tracking import make_client
+from cmx.tracking.store import make_client
 client = make_client(sys.argv[1])
 run = client.create_run(client.create_experiment("exp-" + sys.argv[2]))
 client.log_metric(run.info.run_id, "val/top1", float(sys.argv[2]))

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401 - a fixture
 from test_sweep_ray import trial_rows, write_spec
 
-from cmx import metrics as M
+from cmx.core import metrics as M
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # the module fixture runs a real sweep (~80-110 s)
 SECRET = "shh-cmx-7f3a9c"  # set as AWS_SECRET_ACCESS_KEY while the sweep runs; must be logged nowhere
@@ -35,8 +35,8 @@ def sweep(
     """3 trials x 2 epochs of convmixer_nano, logged to the server; Ray is shut down afterwards."""
     import ray
 
-    from cmx.sweep import run_sweep
-    from cmx.sweep_config import load_sweep_spec
+    from cmx.core.sweep_spec import load_sweep_spec
+    from cmx.sweep.tuner import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     path = write_spec(tmp, fmnist_tiny, name=NAME, epochs=2, samples=3, backend="torchvision",
@@ -191,7 +191,7 @@ def test_registered_model_loads_and_reproduces_val_accuracy(sweep: dict[str, Any
 
 
 def test_cmx_runs_list_best_compare(sweep: dict[str, Any]) -> None:
-    from cmx.cli import cli
+    from cmx.cli.main import cli
 
     runner = CliRunner(env={"COLUMNS": "250"})
     uri = ["--tracking-uri", sweep["uri"]]

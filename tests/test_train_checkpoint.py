@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmx.errors import CheckpointError
+from cmx.core.errors import CheckpointError
 from cmx.pipelines import checkpoint as ck
 
 
@@ -87,7 +87,7 @@ def test_newer_format_is_refused(tmp_path: Path) -> None:
 
 
 def test_optimizer_and_scheduler_states_are_weights_only_safe(tmp_path: Path) -> None:
-    from cmx.config import OptimConfig, ScheduleConfig
+    from cmx.core.config import OptimConfig, ScheduleConfig
     from cmx.pipelines.optim import create_optimizer
     from cmx.pipelines.schedules import build_scheduler
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from train_fixtures import fmnist_tiny, train_config  # noqa: F401  (fixture)
 
-from cmx.cli_train import build_config
-from cmx.errors import ConfigError
+from cmx.cli.train import build_config
+from cmx.core.errors import ConfigError
 from cmx.pipelines.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]

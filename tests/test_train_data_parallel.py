@@ -16,8 +16,8 @@ import pytest
 import yaml
 from train_fixtures import fmnist_tiny, train_config  # noqa: F401  (fixture)
 
-from cmx import metrics as M
-from cmx.ray_train import KILL_ENV
+from cmx.cluster.data_parallel import KILL_ENV
+from cmx.core import metrics as M
 
 CMX = Path(sys.executable).parent / "cmx"
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from train_fixtures import fmnist_10k, train_config  # noqa: F401  (fixture)
 
-from cmx import metrics as M
+from cmx.core import metrics as M
 from cmx.pipelines import trainer as T
 
 pytestmark = pytest.mark.slow

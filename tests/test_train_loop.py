@@ -12,8 +12,8 @@ import pytest
 import torch
 from train_fixtures import fmnist_tiny, train_config  # noqa: F401  (fixture)
 
-from cmx import metrics as M
-from cmx.errors import ConfigError
+from cmx.core import metrics as M
+from cmx.core.errors import ConfigError
 from cmx.pipelines import trainer as T
 from cmx.pipelines.checkpoint import load_checkpoint
 
@@ -230,7 +230,7 @@ def test_a_fresh_run_clears_an_old_run_dir(fmnist_tiny, tmp_path: Path) -> None:
 
 
 def test_resume_refuses_a_different_model(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
-    from cmx.errors import CheckpointError
+    from cmx.core.errors import CheckpointError
 
     cfg = train_config(fmnist_tiny, loop={**ONE_THREAD, "epochs": 1})
     T.train(cfg, tmp_path / "run", progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cmx.config import OptimConfig
+from cmx.core.config import OptimConfig
 from cmx.pipelines.optim import create_optimizer, param_groups
 
 

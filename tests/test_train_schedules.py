@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmx.config import ScheduleConfig
-from cmx.errors import ConfigError
+from cmx.core.config import ScheduleConfig
+from cmx.core.errors import ConfigError
 from cmx.pipelines.schedules import build_scheduler, lr_curve, lr_multiplier
 
 

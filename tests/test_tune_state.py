@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from test_sweep_ray import trial_rows, write_spec
 
-from cmx.tune_state import BACKUP_DIR, current_backup, is_whole, newest_state_files, repair_torn_state, save_backup
+from cmx.sweep.tune_state import (
+    BACKUP_DIR,
+    current_backup,
+    is_whole,
+    newest_state_files,
+    repair_torn_state,
+    save_backup,
+)
 
 CMX = str(Path(sys.executable).parent / "cmx")
 

@@ -15,12 +15,11 @@ from typing import Any
 
 import pytest
 
-from cmx.config import TrainConfig
+from cmx.core.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TrainConfig
 
 CACHE = Path(__file__).resolve().parents[1] / ".cmx-home" / "test-cache"
 # Fashion-MNIST's per-channel statistics (grayscale replicated to RGB by the export).
-FMNIST_MEAN = (0.286, 0.286, 0.286)
-FMNIST_STD = (0.353, 0.353, 0.353)
+FMNIST_MEAN, FMNIST_STD = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 
 def export_cached(limit_per_class: int) -> Any:

@@ -1,0 +1,85 @@
+"""The `cmx` command: a thin Click front end. Heavy imports live inside the commands."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+import click
+
+from cmx.core.errors import CmxError
+
+# name -> "module:attribute"; imported only when the command runs (so `cmx --help` is instant).
+COMMANDS: dict[str, str] = {
+    "models": "cmx.cli.models:models",
+    "data": "cmx.cli.data:data",
+    "train": "cmx.cli.train:train",
+    "eval": "cmx.cli.train:eval_command",
+    "sweep": "cmx.cli.sweep:sweep",
+    "runs": "cmx.cli.runs:runs",
+    "ui": "cmx.cli.runs:ui",
+    "server": "cmx.cli.runs:server",
+    "cluster": "cmx.cli.cluster:cluster",
+}
+
+
+def cmx_version() -> str:
+    """The installed distribution's version."""
+    try:
+        return version("cmx")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class LazyGroup(click.Group):
+    """A group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(c for c in COMMANDS if _available(c))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None or not _available(cmd_name):
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _available(name: str) -> bool:
+    module = COMMANDS[name].split(":")[0]
+    return importlib.util.find_spec(module) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(cmx_version(), "-V", "--version", prog_name="cmx")
+@click.option("--debug", is_flag=True, envvar="CMX_DEBUG", help="Show full tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """cmx: ConvMixer experiments at scale (Ray Tune + Optuna sweeps, FFCV data, MLflow tracking)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one clear line and a non-zero exit for every cmx error."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("CMX_DEBUG", "") not in ("", "0", "false")
+    try:
+        rv = cli.main(args=args, prog_name="cmx", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except CmxError as e:
+        if debug:
+            raise
+        click.secho(f"error: {e.one_line()}", err=True, fg="red")
+        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

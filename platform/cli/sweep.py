@@ -1,0 +1,284 @@
+"""`cmx sweep`: run, resume, inspect and list hyper-parameter sweeps."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cmx.cluster.runtime import local_capacity
+from cmx.core.constraints import violated
+from cmx.core.errors import ConfigError
+from cmx.core.paths import sweeps_dir
+from cmx.core.search_space import grid_size, preview
+from cmx.core.sweep_spec import load_sweep_spec, trial_config
+from cmx.sweep.resources import concurrency, plan_resources
+from cmx.sweep.results import list_sweeps, sweep_status
+from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, experiment_path, is_uri, read_text
+
+
+@click.group(invoke_without_command=True)
+@click.option(
+    "--space",
+    "space_path",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Search-space YAML (see docs/search-space.md).",
+)
+@click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    metavar="auto|HOST:PORT",
+    help="Join a running Ray cluster instead of starting a local one.",
+)
+@click.option("--name", help="Sweep name (default: the file's `name:` or its stem).")
+@click.option("--resume", "resume_name", metavar="NAME", help="Continue an interrupted sweep by name.")
+@click.option("--fresh", is_flag=True, help="Discard an existing sweep of the same name and start over.")
+@click.option("--storage", metavar="PATH", help="Override storage.path (local, NFS or s3://).")
+@click.option("--samples", type=int, metavar="N", help="Override search.num_samples.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any key of the file, e.g. --set base.loop.epochs=2.",
+)
+@click.option("--dry-run", is_flag=True, help="Validate, show the plan and sample configs; start nothing.")
+@click.option(
+    "--tracking-uri",
+    metavar="URI",
+    help="MLflow store (http://server, sqlite:///file.db) [default: the file's tracking.uri, else "
+    "$MLFLOW_TRACKING_URI, else sqlite under $CMX_HOME/mlflow].",
+)
+@click.pass_context
+def sweep(
+    ctx: click.Context,
+    space_path: Path | None,
+    address: str | None,
+    name: str | None,
+    resume_name: str | None,
+    fresh: bool,
+    storage: str | None,
+    samples: int | None,
+    overrides: tuple[str, ...],
+    dry_run: bool,
+    tracking_uri: str | None,
+) -> None:
+    """Run a Ray Tune + Optuna sweep over the ConvMixer design space."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    extra = list(overrides)
+    if name:
+        extra.append(f"name={name}")
+    if storage:
+        extra.append(f"storage.path={storage}")
+    if samples:
+        extra.append(f"search.num_samples={samples}")
+    if tracking_uri:
+        extra.append(f"tracking.uri={tracking_uri}")
+    if resume_name:
+        space_path = _saved_spec_path(resume_name, storage)
+        source_text = (
+            (space_path.parent / SOURCE_FILE).read_text()
+            if (space_path.parent / SOURCE_FILE).exists()
+            else space_path.read_text()
+        )
+    elif space_path is None:
+        raise click.UsageError("give --space FILE (or --resume NAME); see `cmx sweep --help`")
+    else:
+        source_text = space_path.read_text() if space_path.is_file() else ""
+    spec = load_sweep_spec(space_path, tuple(extra))
+    if dry_run:
+        _print_plan(spec, address)
+        return
+    _run(spec, source_text, address, fresh)
+
+
+def _saved_spec_path(name: str, storage: str | None) -> Path:
+    """The saved spec of sweep `name`; from s3:// (or any URI) storage it is copied to a temp folder."""
+
+    if storage and is_uri(storage):
+        folder = f"{storage.rstrip('/')}/{name}"
+        spec_text = read_text(folder, SPEC_FILE)
+        if spec_text is None:
+            raise ConfigError(f"no sweep named {name!r} under {storage} (no {SPEC_FILE})", "check --storage and NAME")
+        local = Path(tempfile.mkdtemp(prefix=f"cmx-{name}-"))
+        (local / SPEC_FILE).write_text(spec_text)
+        (local / SOURCE_FILE).write_text(read_text(folder, SOURCE_FILE) or spec_text)
+        return local / SPEC_FILE
+    path = Path(storage or sweeps_dir()) / name / SPEC_FILE
+    if not path.exists():
+        raise ConfigError(f"no sweep named {name!r} under {path.parent.parent}", "see `cmx sweep list`")
+    return path
+
+
+def _print_plan(spec: Any, address: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"sweep {spec.name}: search space", title_justify="left")
+    table.add_column("key")
+    table.add_column("distribution")
+    for key, dist in spec.space.items():
+        table.add_row(key, dist.model_dump_json(exclude={"type"}).replace('"', "") + f"  ({dist.type})")
+    console.print(table)
+    r = spec.resources
+    per_trial = (
+        f"{r.cpus:g} CPU, {r.gpus:g} GPU"
+        if r.workers == 1
+        else f"{r.workers} workers × ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU)"
+    )
+    if address is None:
+        plan = plan_resources(spec, [local_capacity()])
+        fits = f"{concurrency(spec, plan)} at once on this machine"
+    else:
+        fits = "decided by the cluster's free resources at run time"
+    o = spec.objectives()
+    s = spec.stopping_objective()
+    stops_on = "" if spec.scheduler.metric is None else f", ranks trials on {s.mode} {s.metric}"
+    console.print(
+        f"[bold]search[/] {spec.search.algorithm} (seed {spec.search.seed}), {spec.search.num_samples} trials, "
+        f"objective {', '.join(f'{x.mode} {x.metric}' for x in o)}\n"
+        f"[bold]scheduler[/] {spec.scheduler.name}, max {spec.max_epochs} epochs, grace {spec.scheduler.grace_period}"
+        f"{stops_on}\n"
+        f"[bold]per trial[/] {per_trial}; trials: {fits}\n"
+        f"[bold]storage[/] {experiment_path(spec)}"
+    )
+
+    samples = Table(title="first sampled configs (same seed → same configs)", title_justify="left")
+    keys = list(spec.space)
+    for k in keys:
+        samples.add_column(k)
+    samples.add_column("constraints")
+    for params in preview(spec, 5):
+        rule = violated(spec.constraints, trial_config(spec, params).model_dump(mode="json"))
+        samples.add_row(*[str(params.get(k)) for k in keys], f"rejected: {rule}" if rule else "ok")
+    console.print(samples)
+
+
+def _run(spec: Any, source_text: str, address: str | None, fresh: bool) -> None:
+    from rich.console import Console
+
+    from cmx.sweep.tuner import run_sweep
+
+    console = Console(stderr=True)
+    o = spec.objectives()[0]
+    callbacks: list[Any] = []
+
+    def on_start(plan: Any, resumed: bool) -> None:
+
+        verb = "resuming" if resumed else "starting"
+        console.print(
+            f"[bold]{verb} sweep {spec.name}[/] ({spec.search.num_samples} trials, "
+            f"{spec.search.algorithm}, {spec.scheduler.name}) → {concurrency(spec, plan)} at a time"
+        )
+
+    from cmx.sweep.progress import RichSweepProgress
+
+    total = spec.search.num_samples * (grid_size(spec) if spec.search.algorithm == "grid" else 1)
+    callbacks.append(
+        RichSweepProgress(total=total, metric=o.metric, mode=o.mode, max_epochs=spec.max_epochs, console=console)
+    )
+    outcome = run_sweep(
+        spec, source_text=source_text, address=address, fresh=fresh, callbacks=callbacks, on_start=on_start
+    )
+    show_outcome(outcome, spec)
+    if outcome.interrupted:
+        console.print(f"[yellow]interrupted[/]: finished trials are saved. Resume with: cmx sweep --resume {spec.name}")
+        sys.exit(130)
+    if outcome.all_failed:
+        console.print("[red]every trial failed[/]; see the errors above and the trial logs under " + outcome.path)
+        sys.exit(1)
+
+
+def _short(value: object) -> str:
+    """A parameter for a table cell: floats to 4 significant digits (the full value is in best-config.yaml)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def show_outcome(outcome: Any, spec: Any) -> None:
+    """Top trials as a table, then where the best config and checkpoint are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    o = spec.objectives()[0]
+    table = Table(title=f"sweep {outcome.name}: top trials by {o.metric} ({o.mode})", title_justify="left")
+    for col in ("#", "trial", "status", "epochs", o.metric, "params"):
+        table.add_column(col, overflow="fold")
+    for i, row in enumerate(outcome.trials[:10], 1):
+        best = "—" if row["best"] is None else f"{row['best']:.4f}"
+        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in row["params"].items())
+        status = row["status"] + (f": {row['error']}" if row.get("error") else "")
+        table.add_row(str(i), row["trial_id"], status, str(row["epochs"]), best, params)
+    console.print(table)
+    if outcome.pareto:
+        front = Table(title="Pareto front", title_justify="left")
+        front.add_column("trial")
+        for obj in spec.objectives():
+            front.add_column(f"{obj.metric} ({obj.mode})")
+        for row in outcome.pareto:
+            front.add_row(
+                row["trial_id"], *[f"{row['metrics'].get(x.metric, float('nan')):.4g}" for x in spec.objectives()]
+            )
+        console.print(front)
+    if outcome.best_config_path:
+        console.print(f"best config: {outcome.best_config_path}  (run: cmx train --config {outcome.best_config_path})")
+    if outcome.best_checkpoint:
+        console.print(f"best checkpoint: {outcome.best_checkpoint}")
+    console.print(f"sweep state: {outcome.path}")
+
+
+@sweep.command("list")
+@click.option("--storage", metavar="PATH", help="Storage root (default $CMX_HOME/sweeps).")
+def list_command(storage: str | None) -> None:
+    """Sweeps on disk with their progress and best result."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = list_sweeps(storage)
+    if not rows:
+        click.echo("no sweeps yet; start one with: cmx sweep --space examples/search.yaml")
+        return
+    table = Table()
+    for col in ("name", "trials", "state", "metric", "best", "path"):
+        table.add_column(col)
+    for s in rows:
+        n = len(s["trials"])
+        state = "complete" if s["complete"] else "incomplete"
+        best = "—" if not s["best"] else f"{s['best']['best']:.4f} ({s['best']['trial_id']})"
+        table.add_row(s["name"], f"{n}/{s['num_samples']}", state, s["metric"], best, s["path"])
+    Console().print(table)
+
+
+@sweep.command("status")
+@click.argument("name")
+@click.option("--storage", metavar="PATH", help="Storage root (default $CMX_HOME/sweeps).")
+def status_command(name: str, storage: str | None) -> None:
+    """Per-trial state of one sweep."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if storage and is_uri(storage):
+        raise ConfigError(
+            f"cmx sweep status reads a local sweep folder, not {storage}",
+            "run it where the storage is mounted (e.g. the head node), or compare the trials in MLflow",
+        )
+    s = sweep_status(_saved_spec_path(name, storage).parent)
+    table = Table(
+        title=f"sweep {s['name']} ({'complete' if s['complete'] else 'incomplete'}): "
+        + ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())),
+        title_justify="left",
+    )
+    for col in ("trial", "status", "epochs", f"best {s['metric']}"):
+        table.add_column(col)
+    for t in s["trials"]:
+        table.add_row(t["trial_id"], t["status"], str(t["epochs"]), "—" if t["best"] is None else f"{t['best']:.4f}")
+    Console().print(table)
+    if not s["complete"]:
+        click.echo(f"resume with: cmx sweep --resume {s['name']}")

@@ -1,0 +1,345 @@
+"""The search-space file (`cmx sweep --space search.yaml`), validated into typed objects.
+
+Every error names the file, the key and the fix, and is raised before Ray starts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from cmx.core import metrics
+from cmx.core.config import (
+    StrictModel,
+    TrainConfig,
+    apply_overrides,
+    get_dotted,
+    load_yaml,
+    resolve_data_paths,
+    set_dotted,
+    validate_config,
+)
+from cmx.core.constraints import compile_rule
+from cmx.core.errors import ConfigError
+
+# ------------------------------------------------------------------ distributions
+
+
+class IntDist(StrictModel):
+    """Integers in [low, high] (inclusive), optionally on a step grid or log scale."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> IntDist:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        if self.log and self.step != 1:
+            raise ValueError("log scale needs step 1")
+        return self
+
+
+class FloatDist(StrictModel):
+    """Floats in [low, high], uniform or log-uniform."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatDist:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0 (got {self.low})")
+        return self
+
+
+class LogUniformDist(StrictModel):
+    """Shorthand for `{type: float, log: true}`."""
+
+    type: Literal["loguniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _check(self) -> LogUniformDist:
+        if self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+class ChoiceDist(StrictModel):
+    """One of a list of YAML values (lists and mappings included)."""
+
+    type: Literal["choice"]
+    values: list[Any]
+
+    @field_validator("values")
+    @classmethod
+    def _non_empty(cls, v: list[Any]) -> list[Any]:
+        if not v:
+            raise ValueError("choice needs at least one value")
+        return v
+
+
+class GridDist(StrictModel):
+    """Every value is tried (crossed with the other grid parameters)."""
+
+    type: Literal["grid"]
+    values: list[Any]
+
+    @field_validator("values")
+    @classmethod
+    def _non_empty(cls, v: list[Any]) -> list[Any]:
+        if not v:
+            raise ValueError("grid needs at least one value")
+        return v
+
+
+Distribution = Annotated[IntDist | FloatDist | LogUniformDist | ChoiceDist | GridDist, Field(discriminator="type")]
+
+# ------------------------------------------------------------------ sections
+
+Algorithm = Literal["optuna-tpe", "random", "optuna-cmaes", "grid"]
+
+
+class Objective(StrictModel):
+    """One metric to optimise."""
+
+    metric: str = metrics.VAL_TOP1
+    mode: Literal["max", "min"] = "max"
+
+
+class SearchConfig(StrictModel):
+    """How configurations are proposed."""
+
+    algorithm: Algorithm = "optuna-tpe"
+    seed: int = 0
+    metric: str = metrics.VAL_TOP1
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    time_budget: float | None = Field(None, gt=0, description="seconds for the whole sweep")
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    objectives: list[Objective] = Field(
+        default_factory=list, description="two or more for a multi-objective (Pareto) search"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        known = set(metrics.ALL) | set(metrics.TRIAL_ONLY)
+        for name in [self.metric] + [o.metric for o in self.objectives]:
+            if name not in known:
+                raise ValueError(f"unknown metric {name!r}; known: {', '.join(sorted(known))}")
+        if len(self.objectives) == 1:
+            raise ValueError("objectives needs two or more entries (use metric/mode for one)")
+        if self.objectives and self.algorithm not in ("optuna-tpe", "random"):
+            raise ValueError("multi-objective search needs algorithm optuna-tpe or random")
+        return self
+
+
+class SchedulerConfig(StrictModel):
+    """Early stopping of weak trials (time unit: epochs)."""
+
+    name: Literal["asha", "asha-promotion", "hyperband", "median", "none"] = Field(
+        "asha",
+        description="asha: Tune's ASHA, a trial stops at a rung below the cut-off so far; asha-promotion: "
+        "trials pause at each rung and the top 1/reduction_factor of those that reached it resume",
+    )
+    grace_period: int = Field(1, ge=1, description="epochs every trial gets before it may stop")
+    reduction_factor: float = Field(3.0, gt=1.0)
+    max_epochs: int | None = Field(None, ge=1, description="default: base.loop.epochs")
+    metric: str | None = Field(
+        None, description="what trials are compared on at each rung; default: the search's (first) objective"
+    )
+    mode: Literal["max", "min"] | None = Field(None, description="default: the direction `metric` improves in")
+
+    @model_validator(mode="after")
+    def _check(self) -> SchedulerConfig:
+        per_epoch = sorted(m for m in metrics.ALL if m in metrics.MODES)
+        if self.metric is not None and self.metric not in per_epoch:
+            raise ValueError(f"unknown scheduler metric {self.metric!r}; per-epoch metrics: {', '.join(per_epoch)}")
+        if self.mode is not None and self.metric is None:
+            raise ValueError("scheduler.mode needs scheduler.metric (the objective's mode is used otherwise)")
+        return self
+
+
+class ResourcesConfig(StrictModel):
+    """What one trial uses. `workers > 1` makes each trial data-parallel (Ray Train)."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_failures: int = Field(2, ge=0, description="retries of a failed trial, from its checkpoint")
+    reuse_actors: bool = Field(True, description="run successive trials in the same Ray actor")
+
+
+class StorageConfig(StrictModel):
+    """Where Ray Tune keeps sweep state and checkpoints (shared storage on a cluster)."""
+
+    path: str | None = Field(None, description="local/NFS path or s3://...; default $CMX_HOME/sweeps")
+
+
+class TrackingConfig(StrictModel):
+    """MLflow settings."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite under $CMX_HOME")
+    experiment: str | None = Field(None, description="default: the sweep name")
+    keep_best_checkpoints: int = Field(3, ge=0, description="trials whose best checkpoint is logged")
+    registered_model: str = "cmx-convmixer"
+
+
+class SweepSpec(StrictModel):
+    """A whole search-space file."""
+
+    name: str | None = None
+    base: TrainConfig
+    space: dict[str, Distribution]
+    constraints: list[str] = Field(default_factory=list, description="rules every config must pass")
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("space")
+    @classmethod
+    def _non_empty_space(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("space must list at least one parameter")
+        return v
+
+    @property
+    def max_epochs(self) -> int:
+        """The epoch budget of one full trial."""
+        return self.scheduler.max_epochs or self.base.loop.epochs
+
+    def objectives(self) -> list[Objective]:
+        """The metrics being optimised (one unless multi-objective)."""
+        return self.search.objectives or [Objective(metric=self.search.metric, mode=self.search.mode)]
+
+    def stopping_objective(self) -> Objective:
+        """What the scheduler ranks trials on: scheduler.metric, else the first objective."""
+        s = self.scheduler
+        if s.metric is None:
+            return self.objectives()[0]
+        return Objective(metric=s.metric, mode=s.mode or metrics.MODES[s.metric])
+
+
+# ------------------------------------------------------------------ loading
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepSpec:
+    """Read, resolve `base:` and validate a search-space file."""
+    path = Path(path)
+    data = load_yaml(path)
+    base = data.get("base")
+    if isinstance(base, str):
+        base_path = (path.parent / base).resolve()
+        data["base"] = load_yaml(base_path)
+        resolve_data_paths(data["base"], base_path.parent)
+    elif base is None:
+        raise ConfigError(f"{path}: missing key 'base'", "add the training config trials start from")
+    elif isinstance(base, dict):
+        resolve_data_paths(base, path.parent)
+    apply_overrides(data, overrides)
+    spec = validate_config(SweepSpec, data, str(path))
+    if spec.name is None:
+        spec.name = path.stem
+    if not _NAME.match(spec.name):
+        raise ConfigError(f"{path}: name {spec.name!r} is not a valid sweep name", "use letters, digits, - _ .")
+    check_space_paths(spec, str(path))
+    check_constraints_parse(spec, str(path))
+    check_scheduler_fits_search(spec, str(path))
+    return spec
+
+
+def check_scheduler_fits_search(spec: SweepSpec, source: str) -> None:
+    """asha-promotion caps the trials at work through the searcher, which `grid` does not have."""
+    capped = spec.search.max_concurrent is not None or spec.resources.workers > 1
+    if spec.scheduler.name == "asha-promotion" and spec.search.algorithm == "grid" and capped:
+        raise ConfigError(
+            f"{source}: scheduler.name: asha-promotion cannot cap the trials at once for search.algorithm: grid "
+            "(search.max_concurrent or data-parallel resources.workers)",
+            "use search.algorithm: random or optuna-tpe, or scheduler.name: asha",
+        )
+
+
+def check_space_paths(spec: SweepSpec, source: str) -> None:
+    """Every searched key must be a real config field, and every value must validate."""
+    base = spec.base.model_dump(mode="json")
+    for key, dist in spec.space.items():
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        try:
+            node = get_dotted(base, parent) if parent else base
+        except (KeyError, TypeError):
+            node = None
+        if not isinstance(node, dict) or key.rsplit(".", 1)[-1] not in node:
+            raise ConfigError(
+                f"{source}: space key {key!r} is not a training config field",
+                "use a dotted path such as model.depth, optim.lr or schedule.name",
+            )
+        for value in _representative_values(dist):
+            trial = spec.base.model_dump(mode="json")
+            apply_overrides(trial, [])
+            _set(trial, key, value)
+            try:
+                validate_config(TrainConfig, trial, source)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{source}: space.{key}: value {value!r} is invalid ({e.message.split(': ', 1)[-1]})",
+                    "fix the range or the values",
+                ) from None
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+
+    set_dotted(data, dotted, value)
+
+
+def _representative_values(dist: Any) -> list[Any]:
+    if isinstance(dist, (ChoiceDist, GridDist)):
+        return list(dist.values)
+    return [dist.low, dist.high]
+
+
+def check_constraints_parse(spec: SweepSpec, source: str) -> None:
+    """Constraints must parse and only name searched or base config keys."""
+
+    for i, rule in enumerate(spec.constraints):
+        try:
+            compile_rule(rule)
+        except ValueError as e:
+            raise ConfigError(f"{source}: constraints[{i}]: {e}", "e.g. 'model.dim * model.depth <= 4096'") from None
+
+
+def trial_config(spec: SweepSpec, params: dict[str, Any]) -> TrainConfig:
+    """The base config with one trial's sampled values applied."""
+    data = spec.base.model_dump(mode="json")
+    for key, value in params.items():
+        _set(data, key, value)
+    return validate_config(TrainConfig, data, f"trial {params}")
+
+
+def is_finite_number(x: Any) -> bool:
+    """True for a real, finite float/int."""
+    return isinstance(x, (int, float)) and math.isfinite(float(x))

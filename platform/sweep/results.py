@@ -1,0 +1,216 @@
+"""A sweep's results: one row per trial, its outcome, the best trial and the Pareto front,
+from Tune's ResultGrid after a run or from the sweep directory on disk (no Ray start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmx.core import metrics
+from cmx.core.errors import ConfigError
+from cmx.core.metrics import DIVERGED, REJECTED
+from cmx.core.paths import sweeps_dir
+from cmx.core.search_space import decode_params, grid_size
+from cmx.core.sweep_spec import SweepSpec, trial_config
+from cmx.sweep.storage import BEST_CONFIG_FILE, SPEC_FILE
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished (or interrupted) sweep produced."""
+
+    name: str
+    path: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    best_config_path: Path | None = None
+    best_checkpoint: str | None = None
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    resumed: bool = False
+
+    @property
+    def all_failed(self) -> bool:
+        """True when no trial produced a usable result."""
+        return bool(self.trials) and all(t["status"] in ("failed", "rejected", "diverged") for t in self.trials)
+
+
+def trial_status(spec: SweepSpec, metrics_: dict[str, Any], error: Any) -> str:
+    if error is not None:
+        return "failed"
+    if metrics_.get(REJECTED):
+        return "rejected"
+    if metrics_.get(DIVERGED):
+        return "diverged"
+    return "completed" if metrics.epochs_of(metrics_) >= spec.max_epochs else "stopped early"
+
+
+def summarise(spec: SweepSpec, grid: Any, path: str) -> SweepOutcome:
+    """Turn a ResultGrid into rows, the best trial, its config file and checkpoint."""
+
+    objective = spec.objectives()[0]
+    outcome = SweepOutcome(name=spec.name or "sweep", path=path)
+    best_row, best_result = None, None
+    for result in grid:
+        m = dict(result.metrics or {})
+        config = result.config or {}
+        params = decode_params(spec, {k: v for k, v in config.items() if k in spec.space})
+        row = {
+            "trial_id": m.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_"),
+            "status": trial_status(spec, m, result.error),
+            "epochs": metrics.epochs_of(m),
+            "params": params,
+            "metrics": {k: v for k, v in m.items() if "/" in k},
+            "path": str(result.path),
+            "error": str(result.error).splitlines()[0] if result.error else None,
+        }
+        outcome.trials.append(row)
+        value = _best_of_trial(result, objective.metric, objective.mode)
+        row["best"] = value
+        if (
+            row["status"] in ("completed", "stopped early")
+            and value is not None
+            and (best_row is None or _better(value, best_row["best"], objective.mode))
+        ):
+            best_row, best_result = row, result
+    outcome.trials.sort(key=lambda r: _sort_key(r, objective.mode))
+    if best_row is not None:
+        outcome.best = best_row
+        cfg = trial_config(spec, best_row["params"])
+        cfg.loop.epochs = spec.max_epochs
+        if "://" not in path:
+            outcome.best_config_path = Path(path) / BEST_CONFIG_FILE
+            outcome.best_config_path.write_text(
+                f"# Best trial {best_row['trial_id']} of sweep {spec.name}: "
+                f"{objective.metric}={best_row['best']:.4f}\n# Run it: cmx train --config {outcome.best_config_path}\n"
+                + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+            )
+        best_ckpts = getattr(best_result, "best_checkpoints", None) or []
+        if best_ckpts:
+            ordered = sorted(
+                best_ckpts,
+                key=lambda c: c[1].get(objective.metric, -math.inf),
+                reverse=objective.mode == "max",
+            )
+            outcome.best_checkpoint = ordered[0][0].path
+        elif best_result.checkpoint is not None:
+            outcome.best_checkpoint = best_result.checkpoint.path
+    if len(spec.objectives()) > 1:
+        outcome.pareto = pareto_front(spec, outcome.trials)
+    return outcome
+
+
+def _best_of_trial(result: Any, metric: str, mode: str) -> float | None:
+    df = getattr(result, "metrics_dataframe", None)
+    if df is not None and metric in getattr(df, "columns", []):
+        series = df[metric].dropna()
+        if len(series):
+            return float(series.max() if mode == "max" else series.min())
+    value = (result.metrics or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def _sort_key(row: dict[str, Any], mode: str) -> tuple[int, float]:
+    usable = row["status"] in ("completed", "stopped early") and row["best"] is not None
+    value = row["best"] if usable else 0.0
+    return (0 if usable else 1, -value if mode == "max" else value)
+
+
+def pareto_front(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Non-dominated trials over all objectives (final reported values)."""
+    objs = spec.objectives()
+    usable = [r for r in rows if r["status"] in ("completed", "stopped early")]
+
+    def vec(r: dict[str, Any]) -> list[float]:
+        return [r["metrics"].get(o.metric, math.nan) * (1 if o.mode == "max" else -1) for o in objs]
+
+    front = []
+    for r in usable:
+        v = vec(r)
+        dominated = any(
+            all(b >= a for a, b in zip(v, vec(o), strict=True)) and any(b > a for a, b in zip(v, vec(o), strict=True))
+            for o in usable
+            if o is not r
+        )
+        if not dominated:
+            front.append(r)
+    return front
+
+
+def list_sweeps(root: str | None = None) -> list[dict[str, Any]]:
+    """Sweeps under the storage root, newest first, read from disk (no Ray start)."""
+    base = Path(root or sweeps_dir())
+    out = []
+    for spec_file in sorted(base.glob(f"*/{SPEC_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True):
+        out.append(sweep_status(spec_file.parent))
+    return out
+
+
+def sweep_status(path: str | Path) -> dict[str, Any]:
+    """Trial counts and best result of a sweep directory, from Tune's saved state."""
+    path = Path(path)
+    if not (path / SPEC_FILE).exists():
+        raise ConfigError(f"{path}: not a cmx sweep directory", "list sweeps with `cmx sweep list`")
+    spec = SweepSpec.model_validate(yaml.safe_load((path / SPEC_FILE).read_text()))
+    objective = spec.objectives()[0]
+    trials = []
+    for trial_dir in sorted(path.glob("trial_*")):
+        rows = _read_results(trial_dir / "result.json")
+        last = rows[-1] if rows else {}
+        values = [r[objective.metric] for r in rows if isinstance(r.get(objective.metric), (int, float))]
+        best = (max(values) if objective.mode == "max" else min(values)) if values else None
+        error = (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists()
+        status = trial_status(spec, last, "error" if error else None) if rows or error else "pending"
+        trials.append(
+            {
+                "trial_id": trial_dir.name.removeprefix("trial_"),
+                "status": status,
+                "epochs": metrics.epochs_of(last),
+                "best": best,
+            }
+        )
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    done = [t for t in trials if t["best"] is not None and t["status"] in ("completed", "stopped early")]
+    best = None
+    if done:
+        best = (max if objective.mode == "max" else min)(done, key=lambda t: t["best"])
+    return {
+        "name": spec.name,
+        "path": str(path),
+        "metric": objective.metric,
+        "num_samples": expected_trials(spec),
+        "trials": trials,
+        "counts": counts,
+        "best": best,
+        "complete": sum(counts.get(s, 0) for s in ("completed", "stopped early", "failed", "rejected", "diverged"))
+        >= expected_trials(spec),
+    }
+
+
+def expected_trials(spec: SweepSpec) -> int:
+    if spec.search.algorithm == "grid":
+        return grid_size(spec) * spec.search.num_samples
+    return spec.search.num_samples
+
+
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows

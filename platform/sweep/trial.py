@@ -1,0 +1,93 @@
+"""One sweep trial: the Ray resources it needs and the Tune function that trains it.
+
+The trial function builds the trial's TrainConfig from the sampled values, trains with
+`cmx.pipelines.trainer.train` (or Ray Train for data-parallel trials) and reports every epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from cmx.cluster.data_parallel import run_data_parallel
+from cmx.core import metrics
+from cmx.core.constraints import violated
+from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED
+from cmx.core.search_space import decode_params
+from cmx.core.sweep_spec import SweepSpec, trial_config
+from cmx.models import count_flops, count_params, create_model
+from cmx.pipelines.trainer import train
+
+
+def worst_value(metric: str, mode: str) -> float:
+    """What a rejected or diverged trial reports, so the searcher learns to avoid it."""
+    if mode == "max":
+        return 0.0
+    return 1e9
+
+
+def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
+    """The Tune function: build the trial's TrainConfig, train, report every epoch."""
+    import torch
+    from ray import tune
+
+    spec = SweepSpec.model_validate(spec_json)
+    params = decode_params(spec, {k: v for k, v in config.items() if k in spec.space})
+    cfg = trial_config(spec, params)
+    cfg.loop.epochs = spec.max_epochs
+    rule = violated(spec.constraints, cfg.model_dump(mode="json"))
+    if rule is not None:
+        tune.report({**_worst(spec), REJECTED: 1.0, metrics.EPOCH: 0})
+        return
+    import ray
+
+    # Where the trial ran: shown per epoch so a retried trial's move to another node is visible.
+    extra: dict[str, Any] = {**_model_cost(cfg), NODE_ID: ray.get_runtime_context().get_node_id()}
+    if spec.resources.workers == 1:
+        threads = max(1, int(spec.resources.cpus))
+        torch.set_num_threads(threads)
+        cfg.loop.threads = threads
+    run_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    checkpoint = tune.get_checkpoint()
+    ctx = checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)
+    with ctx as resume_dir:
+        resume_from = Path(resume_dir) if resume_dir else None
+        if spec.resources.workers > 1:
+            run_data_parallel(
+                cfg,
+                run_dir,
+                workers=spec.resources.workers,
+                cpus_per_worker=spec.resources.cpus_per_worker,
+                gpus_per_worker=spec.resources.gpus_per_worker,
+                resume_from=resume_from,
+                inside_tune=True,
+                max_failures=spec.resources.max_failures,
+            )
+            return
+
+        def report(r: Any) -> None:
+            ckpt = tune.Checkpoint.from_directory(str(r.checkpoint_dir)) if r.checkpoint_dir else None
+            tune.report({**r.metrics, **extra, metrics.EPOCH: r.epoch}, checkpoint=ckpt)
+
+        result = train(cfg, run_dir, reporter=report, resume_from=resume_from, progress=False)
+    if result.status == "diverged":
+        tune.report({**_worst(spec), **extra, DIVERGED: 1.0, metrics.EPOCH: result.epochs_completed + 1})
+
+
+def _worst(spec: SweepSpec) -> dict[str, float]:
+    out = {spec.search.metric: worst_value(spec.search.metric, spec.search.mode)}
+    for o in spec.objectives():
+        out[o.metric] = worst_value(o.metric, o.mode)
+    return out
+
+
+def _model_cost(cfg: Any) -> dict[str, float]:
+    """Parameter count (millions) and GFLOPs, for multi-objective searches."""
+
+    model = create_model(cfg.model.name, **cfg.model.overrides())
+    res = cfg.data.resolution
+    return {
+        metrics.PARAMS_M: count_params(model) / 1e6,
+        metrics.GFLOPS: count_flops(model, (3, res, res)) / 1e9,
+    }
