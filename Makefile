@@ -9,7 +9,7 @@ export CMX_HOME
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-fast lint format bench
+.PHONY: setup demo test test-fast lint check format bench
 
 setup:
 	@bash .ci/bootstrap
@@ -19,15 +19,20 @@ demo: setup
 
 # -X faulthandler: a crash in native code, even while the interpreter shuts down after the
 # summary, prints every thread's Python stack (one fresh-clone run on 2026-12-01 segfaulted there).
-test: setup
+test: setup check
 	$(BIN)/python -X faulthandler -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
 
-lint: setup
+# The static checks `make test` runs first: style, types, and the layer contract (pyproject.toml).
+check: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+lint: check
 
 format: setup
 	$(BIN)/ruff check --fix .

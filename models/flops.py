@@ -37,7 +37,7 @@ def _chw(model: nn.Module, input_size: InputSize | None, default: int) -> tuple[
     if isinstance(input_size, int):
         return in_chans, input_size, input_size
     if len(input_size) == 2:
-        return (in_chans, *input_size)  # type: ignore[return-value]
+        return (in_chans, *input_size)
     return tuple(input_size)  # type: ignore[return-value]
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -404,9 +404,16 @@ def _resized(width: int, height: int, max_resolution: int | None) -> tuple[int, 
     return int(ratio * width), int(ratio * height)
 
 
+class IndexedSamples(Protocol):
+    """What FFCV's writer reads: `len()` and (uint8 HxWx3 image, label) by index."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]: ...
+
+
 def write_beton(
     out: str | Path,
-    dataset: Sequence[tuple[np.ndarray, int]],
+    dataset: IndexedSamples,
     *,
     max_resolution: int | None = DEFAULT_MAX_RESOLUTION,
     write_mode: WriteMode = DEFAULT_WRITE_MODE,

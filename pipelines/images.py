@@ -121,11 +121,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
             arr = np.clip(arr, 0, 65535) >> 8  # 16-bit -> 8-bit keeps the high byte
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        if arr.size and np.nanmax(arr) <= 1.0:
-            arr = arr * 255.0
-        arr = np.nan_to_num(arr, nan=0.0)
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+        floats = np.asarray(img, dtype=np.float64)
+        if floats.size and np.nanmax(floats) <= 1.0:
+            floats = floats * 255.0
+        floats = np.nan_to_num(floats, nan=0.0)
+        return Image.fromarray(np.clip(np.rint(floats), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -379,7 +379,7 @@ class FFCVCenterCrop:
         return _area_resize(img, ((height - c) // 2, (width - c) // 2, c, c), self.size)
 
 
-def _folder_dataset_class() -> type:
+def _folder_dataset_class() -> Callable[[Path, Any], Any]:
     from torchvision.datasets import ImageFolder
 
     class CmxImageFolder(ImageFolder):
@@ -392,7 +392,7 @@ def _folder_dataset_class() -> type:
         @staticmethod
         def make_dataset(
             directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
-        ) -> list[tuple[str, int]]:  # type: ignore[override]
+        ) -> list[tuple[str, int]]:
             return [(str(p), label) for p, label in scan_image_folder(directory).samples]
 
     def build(root: Path, transform: Any) -> Any:

@@ -38,7 +38,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         bias = getattr(module, "bias", None)
         if isinstance(bias, nn.Parameter):
             no_decay[id(bias)] = bias
-    decay, skip, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    skip: list[nn.Parameter] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue

@@ -285,7 +285,7 @@ def create_model_and_scaler(
     enabled only for fp16."""
     torch.manual_seed(config.loop.seed)
     model = build_model(config, num_classes)
-    model.to(rt.device, memory_format=_memory_format(config))
+    model.to(rt.device).to(memory_format=_memory_format(config))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=config.loop.precision == "fp16")
     return model, scaler
 
@@ -917,7 +917,7 @@ def evaluate(
         if use_ema and state.get("ema"):
             weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
         model.load_state_dict(weights)
-        model.to(rt.device, memory_format=_memory_format(config))
+        model.to(rt.device).to(memory_format=_memory_format(config))
         out = val_loop(model, loader, rt, channels_last=config.loop.channels_last)
         out["num_samples"] = float(loader.num_samples)
         return out

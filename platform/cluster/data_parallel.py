@@ -139,7 +139,7 @@ def run_data_parallel(
         cpus = max(math.ceil(workers * cpus_per_worker), os.cpu_count() or 1)
         init_ray(address, num_cpus=cpus if address is None else None, dashboard=False)
         started = True
-    callbacks = []
+    callbacks: list[Any] = []  # Ray Train callbacks (TuneReportCallback when inside a Tune trial)
     name = "train"
     if inside_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -163,7 +163,8 @@ def run_data_parallel(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(run_dir / "ray"),
-            failure_config=ray.train.FailureConfig(
+            # Train V2's FailureConfig (the default at run time); the type stubs show V1's.
+            failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]
                 max_failures=max_failures, controller_failure_limit=max(1, max_failures)
             ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import operator
+from collections.abc import Callable
 from typing import Any
 
 _BINOPS = {
@@ -30,7 +31,7 @@ _CMPOPS = {
     ast.In: lambda a, b: a in b,
     ast.NotIn: lambda a, b: a not in b,
 }
-_FUNCS = {"len": len, "min": min, "max": max, "sum": sum}
+_FUNCS: dict[str, Callable[..., Any]] = {"len": len, "min": min, "max": max, "sum": sum}
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -113,8 +114,8 @@ def evaluate_rule(rule: str, config: dict[str, Any]) -> bool:
                     return False
                 left = right
             return True
-        if isinstance(node, ast.Call):
-            return _FUNCS[node.func.id](*[ev(a) for a in node.args])  # type: ignore[union-attr]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):  # compile_rule allows only names
+            return _FUNCS[node.func.id](*[ev(a) for a in node.args])
         raise ValueError(f"rule {rule!r}: {type(node).__name__} is not allowed")
 
     return bool(ev(compile_rule(rule)))

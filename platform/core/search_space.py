@@ -7,7 +7,7 @@ lists or mappings (e.g. per-block kernel lists) is sampled as JSON strings and d
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from cmx.core.sweep_spec import ChoiceDist, FloatDist, GridDist, IntDist, LogUniformDist, SweepSpec
 
@@ -103,7 +103,9 @@ def preview(spec: SweepSpec, n: int = 5) -> list[dict[str, Any]]:
         combos = itertools.product(*(spec.space[k].values for k in grid_keys))  # type: ignore[union-attr]
         return [dict(zip(grid_keys, c, strict=True)) for c in itertools.islice(combos, n)]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    directions = ["maximize" if o.mode == "max" else "minimize" for o in spec.objectives()]
+    directions: list[Literal["maximize", "minimize"]] = [
+        "maximize" if o.mode == "max" else "minimize" for o in spec.objectives()
+    ]
     study = optuna.create_study(sampler=make_sampler(spec), directions=directions)
     space = optuna_space(spec)
     out = []

@@ -187,6 +187,8 @@ class PromotionASHA(FIFOScheduler):
         return self._last_book
 
     def _score(self, result: dict[str, Any]) -> float:
+        if self._metric is None:
+            return -math.inf
         value = result.get(self._metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return -math.inf

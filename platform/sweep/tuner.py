@@ -74,7 +74,7 @@ def grid_param_space(spec: SweepSpec) -> dict[str, Any]:
         elif isinstance(d, FloatDist) and not d.log:
             space[key] = tune.uniform(d.low, d.high)
         else:
-            space[key] = tune.loguniform(d.low, d.high)  # type: ignore[union-attr]
+            space[key] = tune.loguniform(d.low, d.high)
     return space
 
 
@@ -93,7 +93,7 @@ def build_scheduler(spec: SweepSpec, max_concurrent: int | None = None) -> Any:
     s = spec.scheduler
     stop_on = spec.stopping_objective()
     # Time is the trainer's epoch: Tune's training_iteration restarts when a data-parallel trial resumes.
-    common = {"metric": stop_on.metric, "mode": stop_on.mode, "time_attr": metrics.EPOCH}
+    common: dict[str, Any] = {"metric": stop_on.metric, "mode": stop_on.mode, "time_attr": metrics.EPOCH}
     if s.name == "asha-promotion":
         return PromotionASHA(
             max_t=spec.max_epochs,

@@ -14,6 +14,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.pyfunc import PythonModel
 
 from cmx.core.config import TrainConfig, dump_yaml
 from cmx.models import create_model
@@ -21,7 +22,7 @@ from cmx.pipelines.checkpoint import load_checkpoint
 from cmx.tracking.provenance import package_version
 
 
-class ConvMixerPyfunc(mlflow.pyfunc.PythonModel):
+class ConvMixerPyfunc(PythonModel):
     """A registered cmx model: loads the checkpoint (weights only) and returns class logits for
     float32 NCHW batches normalised with the config's mean/std."""
 

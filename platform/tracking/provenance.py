@@ -149,9 +149,9 @@ def data_fingerprint(path: str | None) -> str:
         text = f"file bytes={st.st_size} sha256={h.hexdigest()[:16]}"
     else:
         files = total = 0
-        for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
-            size = f.stat().st_size
-            h.update(f"{f.relative_to(p)}\t{size}\n".encode())
+        for item in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
+            size = item.stat().st_size
+            h.update(f"{item.relative_to(p)}\t{size}\n".encode())
             files, total = files + 1, total + size
         text = f"folder files={files} bytes={total} sha256={h.hexdigest()[:16]}"
     _FINGERPRINTS[key] = text
