@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from cmx.cli.options import json_option
 from cmx.core.errors import DataError
 from cmx.core.paths import data_dir
 from cmx.pipelines.beton import convert_image_folder, inspect_beton, report_dict, verify_beton
@@ -80,7 +81,7 @@ def data() -> None:
 )
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON.")
 def convert(
     src: Path,
     out: Path,
@@ -127,7 +128,7 @@ def convert(
 
 @data.command("inspect")
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@json_option("Print as JSON.")
 def inspect_command(file: Path, as_json: bool) -> None:
     """Show samples, classes with counts, image sizes, fields and file size of FILE.beton."""
 

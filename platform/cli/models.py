@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from cmx.cli.options import json_option, set_option
 from cmx.core.config import apply_overrides
 from cmx.core.errors import ModelError
 
@@ -85,7 +86,7 @@ def models() -> None:
     metavar="GLOB",
     help="Only names matching this shell pattern.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option()
 def list_command(pattern: str, as_json: bool) -> None:
     """List registered variants with params and GFLOPs at their default resolution."""
     from cmx.models import list_models
@@ -119,13 +120,7 @@ def list_command(pattern: str, as_json: bool) -> None:
 
 @models.command("info")
 @click.argument("name")
-@click.option(
-    "--set",
-    "sets",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a constructor argument; VALUE is YAML, e.g. kernel_size=[[3,5,7,9],9,9,9].",
-)
+@set_option("Override a constructor argument; VALUE is YAML, e.g. kernel_size=[[3,5,7,9],9,9,9].", dest="sets")
 @click.option(
     "--resolution",
     type=click.IntRange(min=1),
@@ -134,7 +129,7 @@ def list_command(pattern: str, as_json: bool) -> None:
     help="Input size for GFLOPs [default: the variant's].",
 )
 @click.option("--layers", is_flag=True, help="Also print one row per block.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@json_option("Print JSON instead of tables.")
 def info_command(name: str, sets: tuple[str, ...], resolution: int | None, layers: bool, as_json: bool) -> None:
     """Show one variant's architecture, parameters and GFLOPs, with optional overrides."""
     overrides = parse_overrides(sets)

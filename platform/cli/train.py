@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from cmx.cli.options import address_option, json_option, set_option, tracking_uri_option
 from cmx.core import metrics as M
 from cmx.core.config import TrainConfig, apply_overrides, load_yaml, resolve_data_paths, validate_config
 from cmx.core.errors import ConfigError, TrainingDiverged
@@ -33,13 +34,7 @@ from cmx.pipelines.presets import preset as get_preset
     metavar="NAME",
     help="Start from a published recipe (imagenet, cifar10, step-adam); YAML and --set override it.",
 )
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override any config key, e.g. --set optim.lr=0.01 (repeatable).",
-)
+@set_option("Override any config key, e.g. --set optim.lr=0.01 (repeatable).")
 @click.option(
     "--run-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -80,21 +75,11 @@ from cmx.pipelines.presets import preset as get_preset
     show_default=True,
     help="Worker-group restarts from the last checkpoint before giving up.",
 )
-@click.option(
-    "--address",
-    envvar="RAY_ADDRESS",
-    metavar="auto|HOST:PORT",
-    help="Ray cluster for --workers > 1 (default: a local Ray).",
-)
+@address_option("Ray cluster for --workers > 1 (default: a local Ray).")
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show the per-epoch progress line and bar."
 )
-@click.option(
-    "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
-    metavar="URI",
-    help="MLflow store (http://server, sqlite:///file.db)  [default: sqlite under $CMX_HOME/mlflow]",
-)
+@tracking_uri_option("MLflow store (http://server, sqlite:///file.db)  [default: sqlite under $CMX_HOME/mlflow]")
 @click.option("--tracking/--no-tracking", default=True, show_default=True, help="Record the run in MLflow.")
 def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ...], run_dir: Path | None,
           resume_dir: Path | None, workers: int, gpus_per_worker: float, cpus_per_worker: float | None,
@@ -149,7 +134,7 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
     console.print(f"run dir: {result.run_dir}", soft_wrap=True)
     if result.best_checkpoint:
         console.print(f"best checkpoint: {result.best_checkpoint}", soft_wrap=True)
-    if result.status == "diverged":
+    if result.status == M.TrialStatus.DIVERGED:
         raise TrainingDiverged(result.message, "lower optim.lr or set optim.grad_clip, then start again")
     console.print(result.message, soft_wrap=True)
 
@@ -217,7 +202,7 @@ def history_table(history: list[dict[str, float]], best_key: str, max_rows: int 
 @click.option("--batch-size", type=click.IntRange(min=1), metavar="N", help="Validation batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-ema", is_flag=True, help="Use the raw weights even when the checkpoint has EMA weights.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@json_option("Print the metrics as JSON.")
 def eval_command(checkpoint: Path, data_path: Path, batch_size: int | None, device: str, no_ema: bool,
                  as_json: bool) -> None:  # fmt: skip
     """Report top-1 / top-5 of a checkpoint (file, checkpoint dir or run dir) on a dataset."""
