@@ -174,7 +174,7 @@ class CmxPath:
         self.rt = trainer.setup_runtime(self.config)
         trainer.seed_everything(0)
         self.loader = trainer.create_train_loader(self.config, self.rt)
-        torch.set_num_threads(self.rt.threads)  # FFCV's Loader() changes it (stack notes)
+        torch.set_num_threads(self.rt.threads)  # FFCV's Loader() changes it (docs/architecture.md, FFCV)
         self.parts = trainer.build_parts(self.config, self.rt, self.loader.num_classes, len(self.loader))
         self.epoch = 0
 

@@ -228,7 +228,7 @@ def watched_writer_class() -> type:
     """FFCV's DatasetWriter with `_write_common` replaced by a watched version.
 
     FFCV's own loop waits `while done != num_samples: sleep(0.1)`: a worker that raises (a non-RGB
-    or non-uint8 image, a page overflow) leaves it waiting forever (stack notes, FFCV section).
+    or non-uint8 image, a page overflow) leaves it waiting forever (docs/architecture.md, FFCV).
     """
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter

@@ -4,7 +4,7 @@ Both yield `(images, labels)`: images float32 (N, 3, H, W) in channels_last memo
 with `cfg.mean`/`cfg.std`, on `device`; labels contiguous int64 (N,) on `device`. Both crop the
 same way (FFCV's crop geometry, area resampling when shrinking), flip, and normalize alike.
 
-FFCV 1.0.2 traps handled here (stack notes, FFCV section):
+FFCV 1.0.2 traps handled here (docs/architecture.md, FFCV):
 - a compiled op after a plain op loops forever inside `Loader()`: on CPU `NormalizeImage` runs
   before `ToTensor`; `check_pipeline_order` rejects any other order before FFCV sees it;
 - `import ffcv`, every `Loader()` and every epoch call `torch.set_num_threads`: we restore it;

@@ -233,7 +233,7 @@ def create_val_loader(data: DataConfig, rt: Runtime, seed: int = 0) -> Any:
 
 
 def _batches(loader: Any, rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Iterate one epoch; reset torch threads after FFCV's epoch thread changed them (stack notes),
+    """Iterate one epoch; reset torch threads after FFCV's epoch thread changed them (docs/architecture.md, FFCV),
     and close the iterator when the consumer stops early."""
     it = iter(loader)
     first = True

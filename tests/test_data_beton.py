@@ -134,7 +134,7 @@ def test_bad_options_are_config_errors(dirty, tmp_path: Path) -> None:
 
 
 class _Samples:
-    """A real dataset whose sample 3 is what the stack notes say hangs FFCV's writer."""
+    """A real dataset whose sample 3 is what docs/architecture.md (FFCV) says hangs FFCV's writer."""
 
     def __init__(self, bad: str) -> None:
         self.bad = bad

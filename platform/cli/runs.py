@@ -311,7 +311,7 @@ def server_env() -> dict[str, str]:
     """Environment for an `mlflow server` child: no job runner, no telemetry.
 
     `--workers 1` without the job runner is healthy in ~9 s at ~560 MB, against 18 s / 1.4 GB
-    with the defaults (stack notes, 2-core machine).
+    with the defaults (2-core machine; docs/architecture.md, MLflow).
     """
     return {
         **os.environ,

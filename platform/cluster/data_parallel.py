@@ -9,7 +9,7 @@ the last reported checkpoint.
 
 Used two ways: standalone (`cmx train --workers N`, starts a local Ray unless one is running or
 an address is given) and inside a Ray Tune trial function (`inside_tune=True`), where
-`TuneReportCallback` forwards rank 0's metrics and checkpoint path to Tune (stack notes, Ray 2.60).
+`TuneReportCallback` forwards rank 0's metrics and checkpoint path to Tune (docs/architecture.md, Ray Train).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def worker_config(config: TrainConfig, cpus_per_worker: float, gpus_per_worker: 
     """The config each worker trains: device from the GPU request, threads from the CPU share.
 
     Ray sets OMP threads only for whole CPUs; with a fractional share torch would keep its
-    default (all cores per worker), so `loop.threads` is set explicitly (stack notes).
+    default (all cores per worker), so `loop.threads` is set explicitly (docs/architecture.md, Ray Train).
     """
     cfg = config.model_copy(deep=True)
     if gpus_per_worker > 0:

@@ -61,7 +61,7 @@ def init_ray(
     """Start an embedded local Ray (address None) or join a running cluster (`auto`, `HOST:PORT`).
 
     The dashboard agent is needed: without it Ray cannot reclaim the CPUs of a data-parallel trial
-    that ASHA stopped, and the sweep stalls (stack notes).
+    that ASHA stopped, and the sweep stalls (docs/architecture.md, Ray Train).
     """
     import ray
 

@@ -105,7 +105,7 @@ class DataConfig(StrictModel):
     def _feasible(self) -> DataConfig:
         if self.backend == "ffcv" and self.augment.randaugment:
             # RandAugment is PIL/tensor code: inside an FFCV CPU pipeline it would sit between
-            # compiled ops, the order FFCV 1.0.2 spins forever on (stack notes).
+            # compiled ops, the order FFCV 1.0.2 spins forever on (docs/architecture.md, FFCV).
             raise ValueError("augment.randaugment needs backend torchvision (FFCV has no RandAugment)")
         return self
 

@@ -7,7 +7,7 @@ in order once it answers (or with `cmx runs replay`). mlflow is imported only by
 modules: this one (writes), `tracking_query` (reads) and `tracking_model` (the pyfunc model).
 
 Ray's stock `MLflowLoggerCallback` is not used: it uploads no checkpoints, opens new runs after
-`Tuner.restore` (the old ones stay RUNNING) and marks ASHA-stopped trials FINISHED (stack notes).
+`Tuner.restore` (the old ones stay RUNNING) and marks ASHA-stopped trials FINISHED (docs/architecture.md, MLflow).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def artifact_root(uri: str) -> str | None:
     """The artifact root cmx gives new experiments; None lets a server choose (its own setting).
 
     Without an explicit location, MLflow puts artifacts in `./mlruns` of whatever directory the
-    process runs in (stack notes), so database stores get a directory beside the database.
+    process runs in (docs/architecture.md, MLflow), so database stores get a directory beside the database.
     """
     if is_server_uri(uri):
         return None
