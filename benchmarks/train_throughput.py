@@ -39,7 +39,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_throughput.json"
-sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]  # loader_throughput, train_fixtures
+sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]  # loader_throughput, support.training
 from machine import machine_info  # noqa: E402
 
 from cmx.core.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -82,7 +82,7 @@ class Timing:
 
 def fmnist_case(per_class: int, args: argparse.Namespace) -> Case:
     """The cached Fashion-MNIST export (JPEG folders + raw-mode .beton of the same pixels), 28 px."""
-    from train_fixtures import export_cached
+    from support.training import export_cached
 
     export = export_cached(per_class)
     return Case(

@@ -12,22 +12,21 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
+from support.mlflow_server import MlflowServer  # noqa: E402
+from support.ray_processes import kill_ray_started_with, private_ray_tmp  # noqa: E402
+from support.training import export_cached  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-# Exports are cached across test sessions here (gitignored): writing JPEGs and betons is cheap,
-# but not free on 2 cores.
-CACHE = REPO / ".cmx-home" / "test-data"
+# ---------------------------------------------------------------- data: the built-in Fashion-MNIST
 
 
 @pytest.fixture(scope="session")
-def fmnist_tiny() -> dict[str, str]:
-    """Real Fashion-MNIST (Debian package), 40 images per class, as JPEG folders and .beton files."""
-    from cmx.pipelines.fashion_mnist import export_fashion_mnist
-
-    ex = export_fashion_mnist(CACHE / "fmnist-40", limit_per_class=40, progress=False)
+def fmnist_tiny_paths() -> dict[str, str]:
+    """40 images per class (400 train / 400 val), as path strings: JPEG folders `train_dir`,
+    `val_dir` and `.beton` files `train_beton`, `val_beton` (what `support.sweeps` takes)."""
+    ex = export_cached(40)
     return {
         "train_dir": str(ex.train_dir),
         "val_dir": str(ex.val_dir),
@@ -36,12 +35,46 @@ def fmnist_tiny() -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session")
+def fmnist_tiny_export() -> Any:
+    """20 images per class (200 train / 200 val), as the export object (`.train_dir`,
+    `.train_beton`, ...) that `support.training.train_config` takes."""
+    return export_cached(20)
+
+
+@pytest.fixture(scope="session")
+def fmnist_10k() -> Any:
+    """1000 images per class (10,000 train / 10,000 val), as the export object."""
+    return export_cached(1000)
+
+
+# ---------------------------------------------------------------- processes: Ray and MLflow
+
+
+@pytest.fixture
+def ray_local() -> Iterator[None]:
+    """An embedded local Ray that the test starts in this process, shut down afterwards."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def own_ray_tmp() -> Iterator[str]:
     """A private CMX_RAY_TMP for the Ray a test's subprocesses start; that Ray is killed afterwards."""
-    from ray_procs import kill_ray_started_with, private_ray_tmp
-
     tmp = private_ray_tmp()
     yield tmp
     kill_ray_started_with(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A running `mlflow server` for a test module; stopped by pid at teardown."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

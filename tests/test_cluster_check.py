@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from support.cli import run_cmx
 
 from cmx.cli.main import main
 from cmx.cluster.check import check_cluster_file, ray_validate
@@ -19,7 +18,6 @@ from cmx.core.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 AWS = REPO / "cluster" / "config.yaml"
 LOCAL = REPO / "cluster" / "local.yaml"
-CMX = str(Path(sys.executable).parent / "cmx")
 
 
 def run_check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -56,7 +54,7 @@ def sweep_file(tmp_path: Path, *, name: str = "s", **sections: Any) -> Path:
 def test_shipped_files_pass_with_ray_schema_and_cmx_rules() -> None:
     """Both files pass as a user gets them (placeholders are noted, not errors), via the real CLI."""
     for path in (AWS, LOCAL):
-        out = subprocess.run([CMX, "cluster", "check", str(path)], capture_output=True, text=True, timeout=120)
+        out = run_cmx("cluster", "check", str(path), timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "passes Ray's cluster schema" in out.stdout
         assert "placeholders still to fill" in out.stdout

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mlflow_server import free_port
-from ray_processes import RAY, LocalRayCluster
-from test_sweep_ray import trial_rows, write_spec
+from support.cli import CMX, run_cmx
+from support.ray_processes import RAY, LocalRayCluster
+from support.sweeps import trial_rows, write_spec
+
+from cmx.core.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CMX = str(BIN / "cmx")
 
 
 class Cluster:
@@ -100,7 +101,7 @@ def _nodes_by_id(cluster: Cluster) -> dict[str, str]:
     return {n.node_id: n.name for n in cluster.ray.nodes if n.node_id}
 
 
-def test_connect_and_ray_job_submit_from_a_laptop(cluster: Cluster, fmnist_tiny: dict[str, str],
+def test_connect_and_ray_job_submit_from_a_laptop(cluster: Cluster, fmnist_tiny_paths: dict[str, str],
                                                   tmp_path: Path) -> None:  # fmt: skip
     """`ray job submit` to the head's dashboard (what a laptop does through `ray dashboard`) runs
     `cmx sweep --address auto` on the head; its trials spread over both worker nodes."""
@@ -114,7 +115,7 @@ def test_connect_and_ray_job_submit_from_a_laptop(cluster: Cluster, fmnist_tiny:
     cluster.timings["driver_connect_s"] = float(re.search(r"connect_s ([\d.]+)", out.stdout).group(1))  # type: ignore[union-attr]
     assert "nodes 3" in out.stdout
 
-    spec = write_spec(tmp_path, fmnist_tiny, name="jobsweep", epochs=1, samples=2, backend="torchvision",
+    spec = write_spec(tmp_path, fmnist_tiny_paths, name="jobsweep", epochs=1, samples=2, backend="torchvision",
                       scheduler={"name": "none"}, resources={"cpus": 1},
                       storage={"path": str(cluster.shared)})  # fmt: skip
     t0 = time.monotonic()
@@ -132,11 +133,11 @@ def test_connect_and_ray_job_submit_from_a_laptop(cluster: Cluster, fmnist_tiny:
     assert {_nodes_by_id(cluster).get(n) for n in ran_on} == {"a", "b"}, ran_on
 
 
-def test_sweep_across_nodes_survives_a_killed_node(cluster: Cluster, fmnist_tiny: dict[str, str],
+def test_sweep_across_nodes_survives_a_killed_node(cluster: Cluster, fmnist_tiny_paths: dict[str, str],
                                                    tmp_path: Path) -> None:  # fmt: skip
     """`cmx sweep --address HEAD`: two trials run at once, one per node; node a is SIGKILLed mid-trial;
     its trial resumes from its last epoch checkpoint on node b and the sweep completes."""
-    spec = write_spec(tmp_path, fmnist_tiny, name="nodeloss", epochs=5, samples=2, backend="torchvision",
+    spec = write_spec(tmp_path, fmnist_tiny_paths, name="nodeloss", epochs=5, samples=2, backend="torchvision",
                       scheduler={"name": "none"}, resources={"cpus": 1, "max_failures": 3},
                       storage={"path": str(cluster.shared)},
                       tracking={"enabled": True, "uri": cluster.mlflow_uri})  # fmt: skip
@@ -159,8 +160,7 @@ def test_sweep_across_nodes_survives_a_killed_node(cluster: Cluster, fmnist_tiny
     killer = threading.Thread(target=kill_node_a_mid_trial, daemon=True)
     killer.start()
     t0 = time.monotonic()
-    proc = subprocess.run([CMX, "sweep", "--space", str(spec), "--address", cluster.ray.address],
-                          env=cluster.env(), capture_output=True, text=True, timeout=420)  # fmt: skip
+    proc = run_cmx("sweep", "--space", str(spec), "--address", cluster.ray.address, env=cluster.env(), timeout=420)
     cluster.timings["killed_node_sweep_s"] = time.monotonic() - t0
     killer.join(timeout=5)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import CLASSES, make_clean_folder, make_dirty_folder
+from support.data import CLASSES, make_clean_folder, make_dirty_folder
 
 from cmx.core.errors import ConfigError, DataError
 from cmx.pipelines.beton import (

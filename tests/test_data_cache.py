@@ -85,15 +85,15 @@ def test_folder_source_and_errors(tmp_path: Path) -> None:
     assert local_data_path(str(folder), None) == folder
 
 
-def test_loader_reads_from_the_cache_when_cache_dir_is_set(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+def test_loader_reads_from_the_cache_when_cache_dir_is_set(tmp_path: Path, fmnist_tiny_paths: dict[str, str]) -> None:
     from cmx.pipelines.loaders import build_loader
 
     cache = tmp_path / "node-cache"
-    cfg = DataConfig(backend="torchvision", train_path=fmnist_tiny["val_dir"], val_path=fmnist_tiny["val_dir"],
+    cfg = DataConfig(backend="torchvision", train_path=fmnist_tiny_paths["val_dir"], val_path=fmnist_tiny_paths["val_dir"],
                      resolution=28, val_resolution=28, center_crop_ratio=1.0, batch_size=16, num_workers=0,
                      cache_dir=str(cache))  # fmt: skip
     loader = build_loader(cfg, "val")
     assert Path(loader.dataset.root).parent == cache  # the ImageFolder opened is the local copy
     images, labels = next(iter(loader))
     assert images.shape[1:] == (3, 28, 28) and len(labels) == 16
-    assert len(list(cache.glob(f"*-{Path(fmnist_tiny['val_dir']).name}"))) == 1
+    assert len(list(cache.glob(f"*-{Path(fmnist_tiny_paths['val_dir']).name}"))) == 1

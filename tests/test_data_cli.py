@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from data_fixtures import make_dirty_folder
+from support.cli import run_cmx
+from support.data import make_dirty_folder
 
 from cmx.cli import data as cli_data
 from cmx.pipelines import beton
 
-CMX = str(Path(sys.executable).parent / "cmx")
 pytestmark = pytest.mark.timeout(300)
-
-
-def cmx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run([CMX, "data", *args], capture_output=True, text=True, timeout=240, env=full_env)
 
 
 def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -44,7 +37,7 @@ def test_help_shows_the_ffcv_imagenet_defaults() -> None:
         beton.DEFAULT_JPEG_QUALITY,
         beton.DEFAULT_COMPRESS_PROBABILITY,
     )
-    out = cmx("convert", "--help")
+    out = run_cmx("data", "convert", "--help")
     assert out.returncode == 0
     text = " ".join(out.stdout.split())
     for shown in (
@@ -62,23 +55,23 @@ def test_help_shows_the_ffcv_imagenet_defaults() -> None:
 def test_convert_inspect_verify(tmp_path: Path) -> None:
     src, bad = make_dirty_folder(tmp_path / "src")
     out_file = tmp_path / "out" / "d.beton"
-    out = cmx("convert", str(src), str(out_file), "--workers", "2", "--max-resolution", "32")
+    out = run_cmx("data", "convert", str(src), str(out_file), "--workers", "2", "--max-resolution", "32")
     assert out.returncode == 0, out.stderr
     assert "12 images, 3 classes" in out.stdout
     assert "skipped 2 unreadable image(s)" in out.stderr and all(b in out.stderr for b in bad)
 
-    out = cmx("inspect", str(out_file))
+    out = run_cmx("data", "inspect", str(out_file))
     assert out.returncode == 0 and "12 samples" in out.stdout
     assert all(f"{c}" in out.stdout for c in ("cat", "dog", "emu")) and "image (rgb_image)" in out.stdout
-    info = json.loads(cmx("inspect", str(out_file), "--json").stdout)
+    info = json.loads(run_cmx("data", "inspect", str(out_file), "--json").stdout)
     assert info["class_counts"] == {"cat": 4, "dog": 4, "emu": 4}
 
-    out = cmx("verify", str(out_file))
+    out = run_cmx("data", "verify", str(out_file))
     assert out.returncode == 0 and "ok: 12 of 12" in out.stdout
 
-    one_line_error(cmx("convert", str(src), str(out_file)), "already exists", "--overwrite")
+    one_line_error(run_cmx("data", "convert", str(src), str(out_file)), "already exists", "--overwrite")
     one_line_error(
-        cmx("convert", str(src), str(tmp_path / "s.beton"), "--strict"),
+        run_cmx("data", "convert", str(src), str(tmp_path / "s.beton"), "--strict"),
         "unreadable image",
         "--strict",
     )
@@ -90,9 +83,11 @@ def test_bad_files_give_one_line(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "x.beton"
     path.write_bytes(content)
     for command in ("inspect", "verify"):
-        one_line_error(cmx(command, str(path)), str(path), "not an FFCV .beton")
-    one_line_error(cmx("inspect", str(tmp_path / "missing.beton")), "file not found")
-    one_line_error(cmx("convert", str(tmp_path / "nope"), str(tmp_path / "y.beton")), "image folder not found")
+        one_line_error(run_cmx("data", command, str(path)), str(path), "not an FFCV .beton")
+    one_line_error(run_cmx("data", "inspect", str(tmp_path / "missing.beton")), "file not found")
+    one_line_error(
+        run_cmx("data", "convert", str(tmp_path / "nope"), str(tmp_path / "y.beton")), "image folder not found"
+    )
 
 
 def test_builtin_fashion_mnist_small_and_idempotent(tmp_path: Path) -> None:
@@ -101,19 +96,20 @@ def test_builtin_fashion_mnist_small_and_idempotent(tmp_path: Path) -> None:
 
     if not (source_dir() / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("dataset-fashion-mnist is not installed")
-    out = cmx("builtin", "fashion-mnist", str(tmp_path / "fm"), "--limit-per-class", "3", "--workers", "1")
+    out = run_cmx("data", "builtin", "fashion-mnist", str(tmp_path / "fm"), "--limit-per-class", "3", "--workers", "1")
     assert out.returncode == 0, out.stderr
     assert "exported" in out.stdout and "30 train / 30 val, 10 classes" in out.stdout
     info = dataset_info(tmp_path / "fm" / "train.beton")
     assert info.class_names == list(CLASS_DIRS) and info.num_samples == 30 and info.grayscale
     assert set(info.class_counts.values()) == {3}
     assert dataset_info(tmp_path / "fm" / "val").num_samples == 30
-    again = cmx("builtin", "fashion-mnist", str(tmp_path / "fm"), "--limit-per-class", "3")
+    again = run_cmx("data", "builtin", "fashion-mnist", str(tmp_path / "fm"), "--limit-per-class", "3")
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
 def test_builtin_fashion_mnist_missing_package(tmp_path: Path) -> None:
-    out = cmx(
+    out = run_cmx(
+        "data",
         "builtin",
         "fashion-mnist",
         str(tmp_path / "fm"),

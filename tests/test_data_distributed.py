@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import make_square_folder
+from support.data import make_square_folder
 
 from cmx.pipelines.beton import convert_image_folder, evenly_spaced
 from cmx.pipelines.images import load_rgb_array, scan_image_folder

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import CLASSES, make_clean_folder, make_dirty_folder
 from PIL import Image
+from support.data import CLASSES, make_clean_folder, make_dirty_folder
 
 from cmx.core.errors import DataError
 from cmx.pipelines.images import check_image, load_rgb_array, scan_image_folder, to_rgb

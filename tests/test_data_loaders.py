@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import CLASSES, make_clean_folder, make_square_folder
+from support.data import CLASSES, make_clean_folder, make_square_folder
 
 from cmx.core.config import AugmentConfig, DataConfig, ProgressiveResize, validate_config
 from cmx.core.errors import ConfigError, DataError

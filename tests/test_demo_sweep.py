@@ -7,35 +7,30 @@ has 30 minutes for everything."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from train_fixtures import fmnist_10k  # noqa: F401  (fixture)
+from support.cli import run_cmx
 
 from cmx.cluster.runtime import RAY_TMP_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
-CMX = str(Path(sys.executable).parent / "cmx")
 
 
-def test_demo_sweep_starting_point_passes_85_percent(fmnist_10k, tmp_path: Path, own_ray_tmp: str) -> None:  # noqa: F811
+def test_demo_sweep_starting_point_passes_85_percent(fmnist_10k, tmp_path: Path, own_ray_tmp: str) -> None:
     spec = yaml.safe_load((REPO / "examples" / "search.yaml").read_text())
     assert "limit-per-class 1000" in (REPO / "examples" / "demo.sh").read_text()  # the same data as the demo
     args = [
-        CMX, "sweep", "--space", str(REPO / "examples" / "search.yaml"), "--samples", "1",
+        "sweep", "--space", str(REPO / "examples" / "search.yaml"), "--samples", "1",
         "--storage", str(tmp_path / "sweeps"),
         "--set", f"base.data.train_path={fmnist_10k.train_beton}",
         "--set", f"base.data.val_path={fmnist_10k.val_beton}",
         "--set", "tracking.enabled=false",
         "--set", "resources.cpus=2",  # one trial here: both cores (the demo runs two trials on one core each)
     ]  # fmt: skip
-    env = {**os.environ, RAY_TMP_ENV: own_ray_tmp}
-    out = subprocess.run(args, capture_output=True, text=True, timeout=540, env=env)
+    out = run_cmx(*args, env={RAY_TMP_ENV: own_ray_tmp}, timeout=540)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (trial_dir,) = (tmp_path / "sweeps" / spec["name"]).glob("trial_*")
     rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from support.cli import run_cmx
 
 from cmx.cli.main import cli, main
 from cmx.models import list_models
-
-CMX = Path(sys.executable).parent / "cmx"
 
 
 def test_models_list_shows_every_variant_with_params() -> None:
@@ -90,6 +88,6 @@ def test_cli_models_module_imports_no_torch() -> None:
 
 
 def test_console_script_models_list() -> None:
-    out = subprocess.run([str(CMX), "models", "list"], capture_output=True, text=True, timeout=300)
+    out = run_cmx("models", "list")
     assert out.returncode == 0, out.stderr
     assert "convmixer_256_8_ks5_p2" in out.stdout

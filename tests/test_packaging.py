@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from support.cli import run_cmx
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -53,22 +54,21 @@ def test_help_is_instant_no_heavy_imports() -> None:
 
 
 def test_version() -> None:
-    out = run([str(Path(PY).parent / "cmx"), "--version"])
+    out = run_cmx("--version", cwd=REPO)
     assert out.returncode == 0
     assert "cmx, version" in out.stdout
 
 
 def test_cli_error_is_one_line_with_nonzero_exit(tmp_path: Path) -> None:
-    cmx = str(Path(PY).parent / "cmx")
     bad = tmp_path / "run.yaml"
     bad.write_text("model: {name: convmixer_tiny}\noptim: {lr: -1}\n")
-    out = run([cmx, "train", "--config", str(bad)])
+    out = run_cmx("train", "--config", str(bad), cwd=REPO)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert str(bad) in lines[0] and "optim.lr" in lines[0]
     assert "Traceback" not in out.stderr
-    out = run([cmx, "--debug", "train", "--config", str(bad)])
+    out = run_cmx("--debug", "train", "--config", str(bad), cwd=REPO)
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 

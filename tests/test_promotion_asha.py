@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from test_sweep_ray import ray_local, trial_rows, write_spec  # noqa: F401 - ray_local is a fixture
+from support.cli import run_cmx, start_cmx
+from support.ray_processes import kill_ray_started_with
+from support.sweeps import trial_rows, write_spec
 
 from cmx.core.sweep_spec import load_sweep_spec
 from cmx.sweep.promotion_asha import RungBook, rung_milestones
@@ -45,24 +47,24 @@ def test_only_the_top_fraction_of_a_rung_is_promotable_once() -> None:
     assert book.highest_rung("b") == 0 and book.highest_rung("zz") is None
 
 
-def test_malformed_combination_is_one_clear_error(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+def test_malformed_combination_is_one_clear_error(tmp_path: Path, fmnist_tiny_paths: dict[str, str]) -> None:
     from cmx.core.errors import ConfigError
 
-    path = promotion_spec(tmp_path, fmnist_tiny, "bad", search={"algorithm": "grid", "max_concurrent": 1})
+    path = promotion_spec(tmp_path, fmnist_tiny_paths, "bad", search={"algorithm": "grid", "max_concurrent": 1})
     with pytest.raises(ConfigError, match=r"asha-promotion cannot cap the trials at once for search.algorithm: grid"):
         load_sweep_spec(path)
-    load_sweep_spec(promotion_spec(tmp_path, fmnist_tiny, "good", search={"max_concurrent": 1}))
+    load_sweep_spec(promotion_spec(tmp_path, fmnist_tiny_paths, "good", search={"max_concurrent": 1}))
 
 
 @pytest.mark.slow
 def test_trials_pause_at_rungs_and_only_the_best_resume(
     tmp_path: Path,
-    fmnist_tiny: dict[str, str],
-    ray_local,  # noqa: F811
+    fmnist_tiny_paths: dict[str, str],
+    ray_local,
 ) -> None:
     """Ideally 8 + 4·1 + 2·2 = 16 epochs; a few more when a trial moves on while few reached its rung."""
     tracking = {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    path = promotion_spec(tmp_path, fmnist_tiny, "promo8", tracking=tracking)
+    path = promotion_spec(tmp_path, fmnist_tiny_paths, "promo8", tracking=tracking)
     spec = load_sweep_spec(path)
     outcome = run_sweep(spec, source_text=path.read_text())
     assert len(outcome.trials) == 8 and not outcome.interrupted and not outcome.all_failed
@@ -126,29 +128,21 @@ def assert_resumed_from_a_checkpoint(epochs: list[int], rows_at_kill: int, name:
 
 @pytest.mark.slow
 def test_killed_promotion_sweep_resumes_with_its_waiting_trials_still_waiting(
-    tmp_path: Path, fmnist_tiny: dict[str, str], own_ray_tmp: str
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str], own_ray_tmp: str
 ) -> None:
     """The rung table survives the driver: after a resume, trials that waited wait on (not all run on)."""
     import contextlib
     import os
     import signal
-    import subprocess
-    import sys
     import time
-
-    from ray_procs import kill_ray_started_with
 
     from cmx.cluster.runtime import RAY_TMP_ENV
     from cmx.sweep.results import sweep_status
 
-    cmx = str(Path(sys.executable).parent / "cmx")
-    path = promotion_spec(tmp_path, fmnist_tiny, "promokill")
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: own_ray_tmp}
+    path = promotion_spec(tmp_path, fmnist_tiny_paths, "promokill")
+    env = {"TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: own_ray_tmp}
     exp = tmp_path / "sweeps" / "promokill"
-    proc = subprocess.Popen(
-        [cmx, "sweep", "--space", str(path)], env=env, start_new_session=True, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc = start_cmx("sweep", "--space", str(path), env=env)
     try:
         deadline = time.monotonic() + 300
         while sum(bool(trial_rows(d)) for d in exp.glob("trial_*")) < 5:
@@ -162,7 +156,7 @@ def test_killed_promotion_sweep_resumes_with_its_waiting_trials_still_waiting(
         proc.wait()
     kill_ray_started_with(own_ray_tmp)
     before = {d.name: len(trial_rows(d)) for d in exp.glob("trial_*")}
-    out = subprocess.run([cmx, "sweep", "--space", str(path)], env=env, capture_output=True, text=True, timeout=600)
+    out = run_cmx("sweep", "--space", str(path), env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming sweep promokill" in out.stderr
     status = sweep_status(exp)
@@ -199,7 +193,9 @@ def test_progress_line_counts_waiting_trials() -> None:
 
 
 @pytest.mark.slow
-def test_data_parallel_trials_pause_and_resume_and_release_cpus(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+def test_data_parallel_trials_pause_and_resume_and_release_cpus(
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str]
+) -> None:
     """A paused trial's TorchTrainer workers go away with it; the resumed one continues its epochs."""
     import time
 
@@ -211,7 +207,7 @@ def test_data_parallel_trials_pause_and_resume_and_release_cpus(tmp_path: Path, 
     try:
         path = write_spec(
             tmp_path,
-            fmnist_tiny,
+            fmnist_tiny_paths,
             name="dp-promo",
             epochs=2,
             samples=2,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_procs import kill_ray_started_with, private_ray_tmp
+from support.ray_processes import kill_ray_started_with, private_ray_tmp
 
 from cmx.cluster.runtime import RAY_TMP_ENV
 

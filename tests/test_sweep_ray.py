@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-from ray_procs import kill_ray_started_with
+from support.cli import run_cmx, start_cmx
+from support.ray_processes import kill_ray_started_with
+from support.sweeps import trial_rows, write_spec
 
 from cmx.cluster.runtime import RAY_TMP_ENV
 from cmx.core.search_space import preview
@@ -24,82 +23,16 @@ from cmx.sweep.tuner import run_sweep
 
 pytestmark = pytest.mark.timeout(900)
 REPO = Path(__file__).resolve().parents[1]
-CMX = str(Path(sys.executable).parent / "cmx")
 # Tests that watch trials through the storage directory: Tune copies result files there with each
 # experiment-state save, every >= 10 s by default; every second here.
 WATCHABLE = ("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 
-def base_config(data: dict[str, str], *, epochs: int, backend: str = "ffcv") -> dict:
-    """A tiny, fast trial: nano ConvMixer on 28 px Fashion-MNIST."""
-    train, val = (data["train_beton"], data["val_beton"]) if backend == "ffcv" else (data["train_dir"], data["val_dir"])
-    return {
-        "data": {
-            "backend": backend,
-            "train_path": train,
-            "val_path": val,
-            "resolution": 28,
-            "val_resolution": 28,
-            "center_crop_ratio": 1.0,
-            "batch_size": 64,
-            "num_workers": 1,
-            "augment": {"scale": [0.7, 1.0]},
-        },
-        "model": {"name": "convmixer_nano"},
-        "optim": {"lr": 0.005},
-        "schedule": {"name": "constant"},
-        "loop": {"epochs": epochs, "threads": 1},
-    }
-
-
-def write_spec(
-    tmp_path: Path,
-    data: dict[str, str],
-    *,
-    name: str,
-    epochs: int = 3,
-    samples: int = 6,
-    backend: str = "ffcv",
-    **sections: dict,
-) -> Path:
-    spec = {
-        "name": name,
-        "base": base_config(data, epochs=epochs, backend=backend),
-        "space": {
-            "model.dim": {"type": "choice", "values": [8, 16]},
-            "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2},
-            "model.kernel_size": {"type": "choice", "values": [3, 5]},
-        },
-        "search": {"algorithm": "optuna-tpe", "seed": 3, "num_samples": samples},
-        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
-        "resources": {"cpus": 1},
-        "storage": {"path": str(tmp_path / "sweeps")},
-        "tracking": {"enabled": False},
-    }
-    for key, value in sections.items():
-        spec[key] = {**spec.get(key, {}), **value}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def trial_rows(trial_dir: Path) -> list[dict]:
-    result = trial_dir / "result.json"
-    return [json.loads(line) for line in result.read_text().splitlines()] if result.exists() else []
-
-
-@pytest.fixture
-def ray_local():
-    """An embedded local Ray for one test, shut down afterwards."""
-    import ray
-
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_asha_sweep_stops_weak_trials_and_finds_best(tmp_path: Path, fmnist_tiny: dict[str, str], ray_local) -> None:
-    path = write_spec(tmp_path, fmnist_tiny, name="asha6", epochs=3, samples=6)
+def test_asha_sweep_stops_weak_trials_and_finds_best(
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str], ray_local
+) -> None:
+    path = write_spec(tmp_path, fmnist_tiny_paths, name="asha6", epochs=3, samples=6)
     spec = load_sweep_spec(path)
     outcome = run_sweep(spec, source_text=path.read_text())
     assert len(outcome.trials) == 6 and not outcome.interrupted
@@ -139,11 +72,11 @@ def _close(a: object, b: object) -> bool:
 
 @pytest.mark.slow
 def test_killed_driver_resumes_without_redoing_finished_trials(
-    tmp_path: Path, fmnist_tiny: dict[str, str], own_ray_tmp: str
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str], own_ray_tmp: str
 ) -> None:
     path = write_spec(
         tmp_path,
-        fmnist_tiny,
+        fmnist_tiny_paths,
         name="resume",
         epochs=3,
         samples=4,
@@ -151,16 +84,9 @@ def test_killed_driver_resumes_without_redoing_finished_trials(
         scheduler={"name": "none"},
         search={"max_concurrent": 1},
     )
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: own_ray_tmp}
+    env = {"TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: own_ray_tmp}
     exp = tmp_path / "sweeps" / "resume"
-    proc = subprocess.Popen(
-        [CMX, "sweep", "--space", str(path)],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_cmx("sweep", "--space", str(path), env=env)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -179,7 +105,7 @@ def test_killed_driver_resumes_without_redoing_finished_trials(
     kill_ray_started_with(own_ray_tmp)  # the driver's local Ray outlives a SIGKILLed driver
     finished = {d.name: len(trial_rows(d)) for d in exp.glob("trial_*") if len(trial_rows(d)) >= 3}
     assert len(finished) >= 2
-    out = subprocess.run([CMX, "sweep", "--space", str(path)], env=env, capture_output=True, text=True, timeout=600)
+    out = run_cmx("sweep", "--space", str(path), env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming sweep resume" in out.stderr
     status = sweep_status(exp)
@@ -190,7 +116,7 @@ def test_killed_driver_resumes_without_redoing_finished_trials(
 
 @pytest.mark.slow
 def test_lost_node_trial_resumes_from_checkpoint_on_another(
-    tmp_path: Path, fmnist_tiny: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ray
 
@@ -208,7 +134,7 @@ def test_lost_node_trial_resumes_from_checkpoint_on_another(
     try:
         path = write_spec(
             tmp_path,
-            fmnist_tiny,
+            fmnist_tiny_paths,
             name="nodeloss",
             epochs=6,
             samples=2,
@@ -252,7 +178,7 @@ def test_lost_node_trial_resumes_from_checkpoint_on_another(
 
 
 @pytest.mark.slow
-def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny_paths: dict[str, str]) -> None:
     import ray
 
     # 2 workers x 1 CPU plus the trial driver's 0.01 CPU: three logical CPUs on this 2-core box.
@@ -262,7 +188,7 @@ def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny:
     try:
         path = write_spec(
             tmp_path,
-            fmnist_tiny,
+            fmnist_tiny_paths,
             name="dp",
             epochs=3,
             samples=3,
@@ -291,11 +217,11 @@ def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_says_how_to_resume_and_resume_finishes(
-    tmp_path: Path, fmnist_tiny: dict[str, str]
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str]
 ) -> None:
     path = write_spec(
         tmp_path,
-        fmnist_tiny,
+        fmnist_tiny_paths,
         name="ctrlc",
         epochs=2,
         samples=3,
@@ -304,13 +230,7 @@ def test_ctrl_c_stops_cleanly_says_how_to_resume_and_resume_finishes(
         search={"max_concurrent": 1},
     )
     exp = tmp_path / "sweeps" / "ctrlc"
-    proc = subprocess.Popen(
-        [CMX, "sweep", "--space", str(path)],
-        env=dict([*os.environ.items(), WATCHABLE]),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cmx("sweep", "--space", str(path), env=dict([WATCHABLE]), stderr=subprocess.PIPE, new_session=False)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(trial_rows(d) for d in exp.glob("trial_*")):
         time.sleep(0.3)
@@ -318,21 +238,9 @@ def test_ctrl_c_stops_cleanly_says_how_to_resume_and_resume_finishes(
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
     assert "cmx sweep --resume ctrlc" in err
-    listed = subprocess.run(
-        [CMX, "sweep", "list", "--storage", str(tmp_path / "sweeps")], capture_output=True, text=True, timeout=60
-    )
+    listed = run_cmx("sweep", "list", "--storage", str(tmp_path / "sweeps"), timeout=60)
     assert listed.returncode == 0 and "ctrlc" in listed.stdout and "incomplete" in listed.stdout
-    resumed = subprocess.run(
-        [CMX, "sweep", "--resume", "ctrlc", "--storage", str(tmp_path / "sweeps")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = run_cmx("sweep", "--resume", "ctrlc", "--storage", str(tmp_path / "sweeps"), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    status = subprocess.run(
-        [CMX, "sweep", "status", "ctrlc", "--storage", str(tmp_path / "sweeps")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = run_cmx("sweep", "status", "ctrlc", "--storage", str(tmp_path / "sweeps"), timeout=60)
     assert status.returncode == 0 and "complete" in status.stdout and "completed 3" in status.stdout, status.stdout

@@ -10,9 +10,10 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from test_sweep_ray import write_spec
+from support.sweeps import write_spec
 
 from cmx.core import metrics as M
+from cmx.core.net import free_port
 from cmx.core.sweep_spec import load_sweep_spec
 from cmx.sweep.mlflow_callback import MLflowTrackingCallback, trial_key
 from cmx.tracking.tracker import STATE_FILE, Tracker
@@ -28,9 +29,9 @@ def _result(epoch: int) -> dict[str, float]:
     }
 
 
-def test_epoch_sent_just_before_a_kill_is_not_logged_twice(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+def test_epoch_sent_just_before_a_kill_is_not_logged_twice(tmp_path: Path, fmnist_tiny_paths: dict[str, str]) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = load_sweep_spec(write_spec(tmp_path, fmnist_tiny, name="dup", tracking={"enabled": True, "uri": uri}))
+    spec = load_sweep_spec(write_spec(tmp_path, fmnist_tiny_paths, name="dup", tracking={"enabled": True, "uri": uri}))
     exp = tmp_path / "exp"
     trial = SimpleNamespace(trial_id="t1", config={"model.dim": 8, "optim.lr": 0.001, "model.kernel_size": 3})
 
@@ -59,8 +60,6 @@ def test_epoch_sent_just_before_a_kill_is_not_logged_twice(tmp_path: Path, fmnis
 
 
 def test_last_logged_step_counts_calls_waiting_in_the_journal(tmp_path: Path) -> None:
-    from mlflow_server import free_port
-
     tracker = Tracker(tmp_path, f"http://127.0.0.1:{free_port()}", experiment="offline")  # nothing listens
     tracker.start_run("trial:a", name="a")
     for step in (1, 2, 5):

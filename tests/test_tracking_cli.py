@@ -5,36 +5,28 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from mlflow_server import free_port
-from test_sweep_ray import base_config, write_spec
+from support.cli import run_cmx, start_cmx
+from support.sweeps import base_config, write_spec
 
 from cmx.core import metrics as M
+from cmx.core.net import free_port
 
 pytestmark = pytest.mark.timeout(300)
-CMX = str(Path(sys.executable).parent / "cmx")
-
-
-def _cmx(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CMX_HOME": str(home), "COLUMNS": "200"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([CMX, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_unreachable_server_is_one_clear_line_before_anything_starts(
-    tmp_path: Path, fmnist_tiny: dict[str, str]
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str]
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    spec = write_spec(tmp_path, fmnist_tiny, name="nowhere", tracking={"enabled": True})
+    spec = write_spec(tmp_path, fmnist_tiny_paths, name="nowhere", tracking={"enabled": True})
     started = time.monotonic()
-    out = _cmx("sweep", "--space", str(spec), "--tracking-uri", dead, home=tmp_path / "home")
+    out = run_cmx("sweep", "--space", str(spec), "--tracking-uri", dead, home=tmp_path / "home")
     assert out.returncode == 1, out.stdout + out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: MLflow tracking server") and "unreachable" in lines[0], lines
@@ -42,8 +34,8 @@ def test_unreachable_server_is_one_clear_line_before_anything_starts(
     assert "starting sweep" not in out.stderr and not (tmp_path / "sweeps" / "nowhere").exists()  # Ray never ran
     assert time.monotonic() - started < 60
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(base_config(fmnist_tiny, epochs=1, backend="torchvision")))
-    out = _cmx(
+    config.write_text(yaml.safe_dump(base_config(fmnist_tiny_paths, epochs=1, backend="torchvision")))
+    out = run_cmx(
         "train",
         "--config",
         str(config),
@@ -57,13 +49,13 @@ def test_unreachable_server_is_one_clear_line_before_anything_starts(
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
 
 
-def test_cmx_train_is_an_mlflow_run_of_its_own(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+def test_cmx_train_is_an_mlflow_run_of_its_own(tmp_path: Path, fmnist_tiny_paths: dict[str, str]) -> None:
     from mlflow import MlflowClient
 
     home = tmp_path / "home"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(base_config(fmnist_tiny, epochs=2, backend="torchvision")))
-    out = _cmx("train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress", home=home)
+    config.write_text(yaml.safe_dump(base_config(fmnist_tiny_paths, epochs=2, backend="torchvision")))
+    out = run_cmx("train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress", home=home)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     # The default store: sqlite under $CMX_HOME, artifacts beside it (not ./mlruns).
     db = home / "mlflow" / "mlflow.db"
@@ -83,7 +75,7 @@ def test_cmx_train_is_an_mlflow_run_of_its_own(tmp_path: Path, fmnist_tiny: dict
     assert f"best/{M.VAL_TOP1}" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint", "config.yaml", "metrics.jsonl"} <= arts, arts
-    listed = _cmx("runs", "list", home=home, timeout=120)
+    listed = run_cmx("runs", "list", home=home, timeout=120)
     assert listed.returncode == 0 and "train" in listed.stdout and run.info.run_id in listed.stdout, listed.stdout
 
 
@@ -102,10 +94,7 @@ def _listening_on(port: int) -> list[str]:
 def _serve_and_stop(args: list[str], home: Path) -> str:
     """Run `cmx server|ui` until it prints its URL; check it binds 127.0.0.1 only; Ctrl-C it."""
     port = free_port()
-    env = {**os.environ, "CMX_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([CMX, *args, "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    proc = start_cmx(*args, "--port", str(port), home=home, env={"PYTHONUNBUFFERED": "1"})
     output: list[str] = []
     try:
         assert proc.stdout is not None

@@ -7,8 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,15 +14,15 @@ from typing import Any
 
 import pytest
 import yaml
-from mlflow_server import MlflowServer, mlflow_server  # noqa: F401 - a fixture
-from ray_procs import kill_ray_started_with, private_ray_tmp
-from test_sweep_ray import trial_rows, write_spec
+from support.cli import run_cmx, start_cmx
+from support.mlflow_server import MlflowServer
+from support.ray_processes import kill_ray_started_with, private_ray_tmp
+from support.sweeps import trial_rows, write_spec
 
 from cmx.cluster.runtime import RAY_TMP_ENV
 from cmx.core import metrics as M
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
-CMX = str(Path(sys.executable).parent / "cmx")
 
 
 def _client(uri: str) -> Any:
@@ -70,26 +68,24 @@ def _assert_full_histories(client: Any, trials: list[Any], exp_dir: Path) -> Non
 
 
 def test_killed_sweep_resumed_keeps_one_run_per_trial(
-    mlflow_server: MlflowServer,  # noqa: F811 - the fixture
-    fmnist_tiny: dict[str, str],
+    mlflow_server: MlflowServer,
+    fmnist_tiny_paths: dict[str, str],
     tmp_path: Path,
 ) -> None:
     name = "trk-resume"
     # 6 epochs: the second trial cannot finish in the second between spotting it mid-way and the
     # kill, even at ~0.3 s epochs (with 4 it sometimes did, and nothing was left to resume).
     epochs = 6
-    path = write_spec(tmp_path, fmnist_tiny, name=name, epochs=epochs, samples=2, backend="torchvision",
+    path = write_spec(tmp_path, fmnist_tiny_paths, name=name, epochs=epochs, samples=2, backend="torchvision",
                       scheduler={"name": "none"}, search={"max_concurrent": 1}, tracking={"enabled": True})  # fmt: skip
     spec = yaml.safe_load(path.read_text())
     spec["base"]["data"]["batch_size"] = 8  # ~1 s epochs, so the kill reliably lands mid-trial
     path.write_text(yaml.safe_dump(spec))
     exp = tmp_path / "sweeps" / name
     ray_tmp = private_ray_tmp()
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: ray_tmp}
-    cmd = [CMX, "sweep", "--space", str(path), "--tracking-uri", mlflow_server.uri]
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    env = {"TUNE_GLOBAL_CHECKPOINT_S": "1", RAY_TMP_ENV: ray_tmp}
+    args = ["sweep", "--space", str(path), "--tracking-uri", mlflow_server.uri]
+    proc = start_cmx(*args, env=env)
     try:  # kill the driver once one trial finished and the next one is mid-way
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -108,7 +104,7 @@ def test_killed_sweep_resumed_keeps_one_run_per_trial(
         kill_ray_started_with(ray_tmp)
     _, _, before = _sweep_runs(mlflow_server.uri, name)
     assert any(r.info.status == "RUNNING" for r in before)  # the kill left the running trial's run open
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    out = run_cmx(*args, env=env, timeout=400)
     kill_ray_started_with(ray_tmp)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming sweep" in out.stderr
@@ -124,8 +120,8 @@ def test_killed_sweep_resumed_keeps_one_run_per_trial(
 
 
 def test_server_down_mid_sweep_loses_no_metric(
-    mlflow_server: MlflowServer,  # noqa: F811 - the fixture
-    fmnist_tiny: dict[str, str],
+    mlflow_server: MlflowServer,
+    fmnist_tiny_paths: dict[str, str],
     tmp_path: Path,
 ) -> None:
     import ray
@@ -135,7 +131,7 @@ def test_server_down_mid_sweep_loses_no_metric(
     from cmx.tracking.tracker import JOURNAL_FILE
 
     name = "trk-outage"
-    path = write_spec(tmp_path, fmnist_tiny, name=name, epochs=3, samples=2, backend="torchvision",
+    path = write_spec(tmp_path, fmnist_tiny_paths, name=name, epochs=3, samples=2, backend="torchvision",
                       scheduler={"name": "none"}, search={"max_concurrent": 1},
                       tracking={"enabled": True, "uri": mlflow_server.uri})  # fmt: skip
     spec = yaml.safe_load(path.read_text())

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from mlflow_server import MlflowServer, mlflow_server  # noqa: F401 - a fixture
-from test_sweep_ray import trial_rows, write_spec
+from support.mlflow_server import MlflowServer
+from support.sweeps import trial_rows, write_spec
 
 from cmx.core import metrics as M
 
@@ -28,8 +28,8 @@ PER_EPOCH = (M.TRAIN_LOSS, M.VAL_LOSS, M.VAL_TOP1, M.VAL_TOP5, M.LR, M.IMAGES_PE
 
 @pytest.fixture(scope="module")
 def sweep(
-    mlflow_server: MlflowServer,  # noqa: F811 - the fixture
-    fmnist_tiny: dict[str, str],
+    mlflow_server: MlflowServer,
+    fmnist_tiny_paths: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:
     """3 trials x 2 epochs of convmixer_nano, logged to the server; Ray is shut down afterwards."""
@@ -39,7 +39,7 @@ def sweep(
     from cmx.sweep.tuner import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    path = write_spec(tmp, fmnist_tiny, name=NAME, epochs=2, samples=3, backend="torchvision",
+    path = write_spec(tmp, fmnist_tiny_paths, name=NAME, epochs=2, samples=3, backend="torchvision",
                       tracking={"enabled": True, "uri": mlflow_server.uri, "keep_best_checkpoints": 2})  # fmt: skip
     old = os.environ.get("AWS_SECRET_ACCESS_KEY")
     os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
@@ -153,7 +153,9 @@ def test_artifacts_plots_search_space_and_bounded_checkpoints(sweep: dict[str, A
         assert "config.yaml" in {a.path for a in client.list_artifacts(r.info.run_id)}
 
 
-def test_registered_model_loads_and_reproduces_val_accuracy(sweep: dict[str, Any], fmnist_tiny: dict[str, str]) -> None:
+def test_registered_model_loads_and_reproduces_val_accuracy(
+    sweep: dict[str, Any], fmnist_tiny_paths: dict[str, str]
+) -> None:
     import torch
 
     from cmx.pipelines.trainer import evaluate
@@ -177,7 +179,7 @@ def test_registered_model_loads_and_reproduces_val_accuracy(sweep: dict[str, Any
     state = torch.load(ckpts[0], map_location="cpu", weights_only=True)
     assert state["config"]["model"]["dim"] == best["params"]["model.dim"]
     # The checkpoint reproduces the reported best val top-1 on the val data.
-    got = evaluate(ckpts[0], fmnist_tiny["val_dir"], threads=1)
+    got = evaluate(ckpts[0], fmnist_tiny_paths["val_dir"], threads=1)
     assert got[M.VAL_TOP1] == pytest.approx(best["best"], abs=0.26)  # at most one of 400 images
     assert float(version.tags["cmx.value"]) == pytest.approx(best["best"], rel=1e-5)
     # And the pyfunc model gives the same logits as the checkpoint's model.

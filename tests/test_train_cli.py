@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from train_fixtures import fmnist_tiny, train_config  # noqa: F401  (fixture)
+from support.cli import run_cmx
+from support.training import train_config
 
 from cmx.cli.train import build_config
 from cmx.core.errors import ConfigError
 from cmx.pipelines.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cmx(*args: str, env: dict[str, str] | None = None, check_no_ray: bool = False) -> subprocess.CompletedProcess:
-    """Run the real CLI in a fresh interpreter (as a user would)."""
-    code = "import sys; from cmx.cli import main; main(sys.argv[1:])"
-    if check_no_ray:
-        code = (
-            "import sys, atexit; from cmx.cli import main;"
-            "atexit.register(lambda: print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY'));"
-            "main(sys.argv[1:])"
-        )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )  # fmt: skip
 
 
 def _write_run_yaml(export, tmp_path: Path, **sections) -> Path:
@@ -96,35 +80,35 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
         build_config(None, "nope", ())
 
 
-def test_cli_train_resume_and_eval(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
-    config = _write_run_yaml(fmnist_tiny, tmp_path, loop={"epochs": 1})
+def test_cli_train_resume_and_eval(fmnist_tiny_export, tmp_path: Path) -> None:
+    config = _write_run_yaml(fmnist_tiny_export, tmp_path, loop={"epochs": 1})
     run_dir = tmp_path / "run"
-    out = _cmx("train", "--config", str(config), "--run-dir", str(run_dir), check_no_ray=True)
+    out = run_cmx("train", "--config", str(config), "--run-dir", str(run_dir), report_ray=True)
     assert out.returncode == 0, out.stderr
     assert "epoch   1/1" in out.stdout and "top-1" in out.stdout
     assert f"run dir: {run_dir}" in out.stdout and "completed 1 epochs" in out.stdout
     assert out.stdout.strip().endswith("NO_RAY")  # single-process training never imports Ray
     assert {"config.yaml", "metrics.jsonl", "checkpoints", "result.json"} <= {p.name for p in run_dir.iterdir()}
 
-    again = _cmx("train", "--config", str(config), "--run-dir", str(run_dir))
+    again = run_cmx("train", "--config", str(config), "--run-dir", str(run_dir))
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
-    resumed = _cmx("train", "--resume", str(run_dir), "--set", "loop.epochs=2", "--no-progress")
+    resumed = run_cmx("train", "--resume", str(run_dir), "--set", "loop.epochs=2", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert "completed 2 epochs" in resumed.stdout
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
-    ev = _cmx("eval", str(run_dir / "checkpoints" / "best"), "--data", str(fmnist_tiny.val_dir))
+    ev = run_cmx("eval", str(run_dir / "checkpoints" / "best"), "--data", str(fmnist_tiny_export.val_dir))
     assert ev.returncode == 0, ev.stderr
     assert "top-1" in ev.stdout and "(200 images)" in ev.stdout
 
 
-def test_cli_diverged_exits_3_with_one_line(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+def test_cli_diverged_exits_3_with_one_line(fmnist_tiny_export, tmp_path: Path) -> None:
     config = _write_run_yaml(
-        fmnist_tiny, tmp_path, optim={"name": "sgd", "lr": 1e28, "momentum": 0.0},
+        fmnist_tiny_export, tmp_path, optim={"name": "sgd", "lr": 1e28, "momentum": 0.0},
         schedule={"name": "constant"}, loop={"epochs": 1},
     )  # fmt: skip
-    out = _cmx("train", "--config", str(config), "--no-progress", env={"CMX_HOME": str(tmp_path / "home")})
+    out = run_cmx("train", "--config", str(config), "--no-progress", home=tmp_path / "home")
     assert out.returncode == 3
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: training diverged"), out.stderr
@@ -135,8 +119,8 @@ def test_cli_diverged_exits_3_with_one_line(fmnist_tiny, tmp_path: Path) -> None
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("loop: {epochz: 3}\n")
-    out = _cmx("train", "--config", str(bad))
+    out = run_cmx("train", "--config", str(bad))
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "loop.epochz" in out.stderr and "epochs" in out.stderr
-    missing = _cmx("eval", str(tmp_path / "nothing"), "--data", str(tmp_path))
+    missing = run_cmx("eval", str(tmp_path / "nothing"), "--data", str(tmp_path))
     assert missing.returncode == 1 and "no checkpoint" in missing.stderr

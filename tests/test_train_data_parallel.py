@@ -7,19 +7,16 @@ the restart); FFCV's sharding is tested on real gloo processes in test_data_dist
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from train_fixtures import fmnist_tiny, train_config  # noqa: F401  (fixture)
+from support.cli import run_cmx
+from support.training import train_config
 
 from cmx.cluster.data_parallel import KILL_ENV
 from cmx.core import metrics as M
 
-CMX = Path(sys.executable).parent / "cmx"
 pytestmark = pytest.mark.slow
 
 
@@ -31,22 +28,17 @@ def _run_yaml(export, tmp_path: Path, epochs: int) -> Path:  # noqa: ANN001
     return path
 
 
-def _cmx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(CMX), *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})  # fmt: skip
-
-
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_cpu_workers_train_and_survive_a_killed_worker(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+def test_two_cpu_workers_train_and_survive_a_killed_worker(fmnist_tiny_export, tmp_path: Path) -> None:
     """One Ray Train run: rank 1 dies after epoch 1; the group restarts and resumes at epoch 2."""
     marker = tmp_path / "killed"
     run_dir = tmp_path / "run"
-    out = _cmx("train", "--config", str(_run_yaml(fmnist_tiny, tmp_path, epochs=3)), "--run-dir", str(run_dir),
+    out = run_cmx("train", "--config", str(_run_yaml(fmnist_tiny_export, tmp_path, epochs=3)), "--run-dir", str(run_dir),
                "--workers", "2", "--cpus-per-worker", "1", "--max-failures", "2", "--no-progress",
-               env={KILL_ENV: f"1:1:{marker}"})  # fmt: skip
+               env={KILL_ENV: f"1:1:{marker}"}, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert marker.read_text().startswith("rank 1 killed after epoch 1")  # the failure really happened
     rows = _rows(run_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_fixtures import fmnist_10k, train_config  # noqa: F401  (fixture)
+from support.training import train_config
 
 from cmx.core import metrics as M
 from cmx.pipelines import trainer as T
@@ -14,7 +14,7 @@ from cmx.pipelines import trainer as T
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_convmixer_passes_80_percent_on_fashion_mnist(fmnist_10k, tmp_path: Path) -> None:  # noqa: F811
+def test_tiny_convmixer_passes_80_percent_on_fashion_mnist(fmnist_10k, tmp_path: Path) -> None:
     cfg = train_config(
         fmnist_10k,
         backend="ffcv",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import fmnist_tiny, train_config  # noqa: F401  (fixture)
+from support.training import train_config
 
 from cmx.core import metrics as M
 from cmx.core.errors import ConfigError
@@ -35,9 +35,9 @@ def test_trainer_does_not_import_ray_or_mlflow() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_reports_run_dir_and_result(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+def test_reports_run_dir_and_result(fmnist_tiny_export, tmp_path: Path) -> None:
     reports: list[T.EpochReport] = []
-    cfg = train_config(fmnist_tiny, loop={**ONE_THREAD, "epochs": 2})
+    cfg = train_config(fmnist_tiny_export, loop={**ONE_THREAD, "epochs": 2})
     result = T.train(cfg, tmp_path / "run", reporter=reports.append, progress=False)
 
     assert result.status == "completed" and result.epochs_completed == 2
@@ -57,7 +57,7 @@ def test_reports_run_dir_and_result(fmnist_tiny, tmp_path: Path) -> None:  # noq
     assert saved["status"] == "completed"
     ck = load_checkpoint(run / "checkpoints" / "last")
     assert ck["epoch"] == 2 and ck["step"] == 2 * 4  # 200 images / batch 50
-    assert ck["class_names"] == fmnist_tiny.class_names and ck["num_classes"] == 10
+    assert ck["class_names"] == fmnist_tiny_export.class_names and ck["num_classes"] == 10
     assert ck["config"]["model"]["dim"] == 16 and len(ck["history"]) == 2
     best = load_checkpoint(result.best_checkpoint)
     assert best["epoch"] == result.history.index(max(result.history, key=lambda h: h[M.VAL_TOP1])) + 1
@@ -79,11 +79,11 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_resume_continues_exactly(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+def test_resume_continues_exactly(fmnist_tiny_export, tmp_path: Path) -> None:
     """4 epochs straight == 2 epochs, a crash, then resume for 2 more (deterministic mode), with
     every source of randomness on: random crops and flips, mixup/cutmix, drop path, EMA."""
     cfg = train_config(
-        fmnist_tiny,
+        fmnist_tiny_export,
         model={"drop_path_rate": 0.1},
         loop={**ONE_THREAD, "epochs": 4, "deterministic": True, "mixup": 0.2, "cutmix": 0.2,
               "label_smoothing": 0.1, "ema_decay": 0.9},
@@ -110,12 +110,12 @@ def test_resume_continues_exactly(fmnist_tiny, tmp_path: Path) -> None:  # noqa:
     assert [r[M.EPOCH] for r in T.read_metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
 
 
-def test_divergence_stops_with_the_last_good_checkpoint(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+def test_divergence_stops_with_the_last_good_checkpoint(fmnist_tiny_export, tmp_path: Path) -> None:
     """Epoch 1 trains normally; then a step decay with gamma 1e30 turns lr 0.01 into 1e28 and
     the real loss overflows. The run returns "diverged" and epoch 1's checkpoint still loads."""
     reports: list[T.EpochReport] = []
     cfg = train_config(
-        fmnist_tiny,
+        fmnist_tiny_export,
         optim={"name": "sgd", "lr": 0.01, "momentum": 0.0},
         schedule={"name": "step", "step_size": 4, "gamma": 1e30},  # 4 steps per epoch
         loop={**ONE_THREAD, "epochs": 3},
@@ -133,9 +133,9 @@ def test_divergence_stops_with_the_last_good_checkpoint(fmnist_tiny, tmp_path: P
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
 
 
-def test_divergence_in_the_first_epoch(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+def test_divergence_in_the_first_epoch(fmnist_tiny_export, tmp_path: Path) -> None:
     cfg = train_config(
-        fmnist_tiny,
+        fmnist_tiny_export,
         optim={"name": "sgd", "lr": 1e28, "momentum": 0.0},
         schedule={"name": "constant"},
         loop={**ONE_THREAD, "epochs": 2},
@@ -146,7 +146,7 @@ def test_divergence_in_the_first_epoch(fmnist_tiny, tmp_path: Path) -> None:  # 
 
 
 def test_early_stopping_with_patience(
-    fmnist_tiny,  # noqa: F811 - the fixture
+    fmnist_tiny_export,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -157,7 +157,7 @@ def test_early_stopping_with_patience(
         return {M.VAL_LOSS: 1.0, M.VAL_TOP1: next(values), M.VAL_TOP5: 100.0}
 
     monkeypatch.setattr(T, "val_loop", fake_val)
-    cfg = train_config(fmnist_tiny, loop={**ONE_THREAD, "epochs": 10, "early_stop_patience": 2})
+    cfg = train_config(fmnist_tiny_export, loop={**ONE_THREAD, "epochs": 10, "early_stop_patience": 2})
     result = T.train(cfg, tmp_path / "run", progress=False)
     assert result.status == "early_stopped" and result.epochs_completed == 4
     assert result.best_metrics[M.VAL_TOP1] == 60.0
@@ -167,49 +167,49 @@ def test_early_stopping_with_patience(
 
 
 def test_early_stopping_on_a_min_metric(
-    fmnist_tiny,  # noqa: F811 - the fixture
+    fmnist_tiny_export,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     losses = iter([1.0, 0.9, 0.95, 0.91])
     monkeypatch.setattr(T, "val_loop", lambda *a, **k: {M.VAL_LOSS: next(losses), M.VAL_TOP1: 1.0, M.VAL_TOP5: 1.0})
     cfg = train_config(
-        fmnist_tiny, loop={**ONE_THREAD, "epochs": 9, "early_stop_patience": 2, "early_stop_metric": "val/loss"}
+        fmnist_tiny_export, loop={**ONE_THREAD, "epochs": 9, "early_stop_patience": 2, "early_stop_metric": "val/loss"}
     )
     result = T.train(cfg, tmp_path / "run", progress=False)
     assert result.status == "early_stopped" and result.epochs_completed == 4
     assert result.best_metrics[M.VAL_LOSS] == 0.9
 
 
-def test_evaluate_matches_the_runs_validation(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
-    cfg = train_config(fmnist_tiny, loop={**ONE_THREAD, "epochs": 1, "ema_decay": 0.5})
+def test_evaluate_matches_the_runs_validation(fmnist_tiny_export, tmp_path: Path) -> None:
+    cfg = train_config(fmnist_tiny_export, loop={**ONE_THREAD, "epochs": 1, "ema_decay": 0.5})
     result = T.train(cfg, tmp_path / "run", progress=False)
-    out = T.evaluate(result.best_checkpoint, fmnist_tiny.val_dir, threads=1)
+    out = T.evaluate(result.best_checkpoint, fmnist_tiny_export.val_dir, threads=1)
     assert out[M.VAL_TOP1] == pytest.approx(result.best_metrics[M.VAL_TOP1])
     assert out[M.VAL_LOSS] == pytest.approx(result.best_metrics[M.VAL_LOSS], rel=1e-5)
     assert out["num_samples"] == 200
-    raw = T.evaluate(result.best_checkpoint, fmnist_tiny.val_dir, threads=1, use_ema=False)
+    raw = T.evaluate(result.best_checkpoint, fmnist_tiny_export.val_dir, threads=1, use_ema=False)
     assert raw[M.VAL_LOSS] != out[M.VAL_LOSS]  # the EMA weights are not the raw weights
 
 
-def test_bf16_autocast_on_cpu(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
-    cfg = train_config(fmnist_tiny, loop={**ONE_THREAD, "epochs": 1, "precision": "bf16"})
+def test_bf16_autocast_on_cpu(fmnist_tiny_export, tmp_path: Path) -> None:
+    cfg = train_config(fmnist_tiny_export, loop={**ONE_THREAD, "epochs": 1, "precision": "bf16"})
     result = T.train(cfg, tmp_path / "run", progress=False)
     assert result.status == "completed"
     assert torch.isfinite(torch.tensor(result.final_metrics[M.TRAIN_LOSS]))
 
 
-def test_fp16_needs_a_gpu(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+def test_fp16_needs_a_gpu(fmnist_tiny_export, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    cfg = train_config(fmnist_tiny, loop={**ONE_THREAD, "precision": "fp16"})
+    cfg = train_config(fmnist_tiny_export, loop={**ONE_THREAD, "precision": "fp16"})
     with pytest.raises(ConfigError, match="fp16"):
         T.train(cfg, tmp_path / "run", progress=False)
 
 
-def test_sgd_nesterov_warmup_and_no_channels_last(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+def test_sgd_nesterov_warmup_and_no_channels_last(fmnist_tiny_export, tmp_path: Path) -> None:
     cfg = train_config(
-        fmnist_tiny,
+        fmnist_tiny_export,
         optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
         schedule={"name": "cosine", "warmup_epochs": 0.5},
         loop={**ONE_THREAD, "epochs": 1, "channels_last": False},
@@ -220,8 +220,8 @@ def test_sgd_nesterov_warmup_and_no_channels_last(fmnist_tiny, tmp_path: Path) -
     assert not (tmp_path / "run" / "checkpoints" / "best").exists()
 
 
-def test_a_fresh_run_clears_an_old_run_dir(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
-    cfg = train_config(fmnist_tiny, loop={**ONE_THREAD, "epochs": 1})
+def test_a_fresh_run_clears_an_old_run_dir(fmnist_tiny_export, tmp_path: Path) -> None:
+    cfg = train_config(fmnist_tiny_export, loop={**ONE_THREAD, "epochs": 1})
     T.train(cfg, tmp_path / "run", progress=False)
     (tmp_path / "run" / "checkpoints" / "best" / "stale.txt").write_text("x")
     T.train(cfg, tmp_path / "run", progress=False)
@@ -229,17 +229,17 @@ def test_a_fresh_run_clears_an_old_run_dir(fmnist_tiny, tmp_path: Path) -> None:
     assert len(T.read_metrics(tmp_path / "run")) == 1
 
 
-def test_resume_refuses_a_different_model(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
+def test_resume_refuses_a_different_model(fmnist_tiny_export, tmp_path: Path) -> None:
     from cmx.core.errors import CheckpointError
 
-    cfg = train_config(fmnist_tiny, loop={**ONE_THREAD, "epochs": 1})
+    cfg = train_config(fmnist_tiny_export, loop={**ONE_THREAD, "epochs": 1})
     T.train(cfg, tmp_path / "run", progress=False)
-    other = train_config(fmnist_tiny, model={"dim": 24}, loop={**ONE_THREAD, "epochs": 2})
+    other = train_config(fmnist_tiny_export, model={"dim": 24}, loop={**ONE_THREAD, "epochs": 2})
     with pytest.raises(CheckpointError, match="model"):
         T.train(other, tmp_path / "run", resume_from=tmp_path / "run", progress=False)
 
 
-def test_missing_data_path_is_a_config_error(fmnist_tiny, tmp_path: Path) -> None:  # noqa: F811
-    cfg = train_config(fmnist_tiny, data={"val_path": None})
+def test_missing_data_path_is_a_config_error(fmnist_tiny_export, tmp_path: Path) -> None:
+    cfg = train_config(fmnist_tiny_export, data={"val_path": None})
     with pytest.raises(ConfigError, match="data.val_path"):
         T.train(cfg, tmp_path / "run", progress=False)

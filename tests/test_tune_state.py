@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_sweep_ray import trial_rows, write_spec
+from support.cli import run_cmx
+from support.sweeps import trial_rows, write_spec
 
 from cmx.sweep.tune_state import (
     BACKUP_DIR,
@@ -20,8 +18,6 @@ from cmx.sweep.tune_state import (
     repair_torn_state,
     save_backup,
 )
-
-CMX = str(Path(sys.executable).parent / "cmx")
 
 
 def _state_files(d: Path, session: str, payload: int = 0) -> None:
@@ -98,13 +94,13 @@ def test_a_newer_cut_file_is_set_aside(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_resume_after_state_cut_off_redoes_no_trial(tmp_path: Path, fmnist_tiny: dict[str, str]) -> None:
+def test_resume_after_state_cut_off_redoes_no_trial(tmp_path: Path, fmnist_tiny_paths: dict[str, str]) -> None:
     """A real sweep finishes; its saved state is then cut off as a kill mid-copy leaves it; running
     the command again restores the complete copy and re-runs nothing."""
-    path = write_spec(tmp_path, fmnist_tiny, name="torn", epochs=2, samples=2, backend="torchvision",
+    path = write_spec(tmp_path, fmnist_tiny_paths, name="torn", epochs=2, samples=2, backend="torchvision",
                       scheduler={"name": "none"}, search={"max_concurrent": 1})  # fmt: skip
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    first = subprocess.run([CMX, "sweep", "--space", str(path)], env=env, capture_output=True, text=True, timeout=400)
+    env = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    first = run_cmx("sweep", "--space", str(path), env=env, timeout=400)
     assert first.returncode == 0, first.stderr[-3000:]
     exp = tmp_path / "sweeps" / "torn"
     assert current_backup(exp) is not None, "no backup of the state was kept"
@@ -113,7 +109,7 @@ def test_resume_after_state_cut_off_redoes_no_trial(tmp_path: Path, fmnist_tiny:
     newest = {f.name.split("-")[0]: f for f in newest_state_files(exp)}
     _cut(newest["search_gen_state"], 0.0)
     _cut(newest["experiment_state"], 0.4)
-    again = subprocess.run([CMX, "sweep", "--space", str(path)], env=env, capture_output=True, text=True, timeout=400)
+    again = run_cmx("sweep", "--space", str(path), env=env, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "restored the last complete copy" in again.stderr
     assert "Failed to restore" not in again.stderr

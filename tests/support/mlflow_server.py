@@ -1,6 +1,6 @@
 """A real `mlflow server` process for the tracking tests (sqlite backend, temp artifact root).
 
-Import the fixture into a test module (`from mlflow_server import mlflow_server`). The server
+The `mlflow_server` fixture (tests/conftest.py) runs one per test module. The server
 binds 127.0.0.1 on a free port; `stop()` / `start()` take it down and bring it back on the same
 port and backend (the outage test), and teardown stops it by pid.
 """
@@ -10,27 +10,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from cmx.core.net import free_port
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 # `--workers 1` and no job runner: healthy in ~9 s at ~560 MB instead of 18 s / 1.4 GB with the
-# defaults (stack notes, 2-core machine). Under a loaded machine it can take several times that.
+# defaults (2-core machine; docs/architecture.md, MLflow). Under a loaded machine it can take several times that.
 START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MlflowServer:
@@ -110,14 +101,3 @@ class MlflowServer:
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A running server for a test module; stopped by pid at teardown."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -1,8 +1,8 @@
-"""Fixtures for the training tests: the built-in Fashion-MNIST, exported once and cached.
+"""The built-in Fashion-MNIST, exported once and cached, and tiny training configs on it.
 
-Import the fixtures into a test module (`from train_fixtures import fmnist_tiny, ...`); the
-exports live under the repo's `.cmx-home/test-cache/` (git-ignored) so re-runs skip the ~20 s
-export of the 10k-image set.
+The fixtures built on `export_cached` live in tests/conftest.py (`fmnist_tiny_export`,
+`fmnist_10k`, `fmnist_tiny_paths`); the exports live under the repo's `.cmx-home/test-cache/`
+(git-ignored) so re-runs skip the ~20 s export of the 10k-image set.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from cmx.core.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TrainConfig
 
-CACHE = Path(__file__).resolve().parents[1] / ".cmx-home" / "test-cache"
+CACHE = Path(__file__).resolve().parents[2] / ".cmx-home" / "test-cache"
 # Fashion-MNIST's per-channel statistics (grayscale replicated to RGB by the export).
 FMNIST_MEAN, FMNIST_STD = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
@@ -38,18 +36,6 @@ def export_cached(limit_per_class: int) -> Any:
             shutil.rmtree(tmp, ignore_errors=True)
     # A second call finds the export marker and returns at once.
     return export_fashion_mnist(final, limit_per_class=limit_per_class, progress=False)
-
-
-@pytest.fixture(scope="session")
-def fmnist_tiny() -> Any:
-    """20 images per class: 200 train / 200 val."""
-    return export_cached(20)
-
-
-@pytest.fixture(scope="session")
-def fmnist_10k() -> Any:
-    """1000 images per class: 10,000 train / 10,000 val."""
-    return export_cached(1000)
 
 
 def train_config(export: Any, *, backend: str = "torchvision", **sections: dict[str, Any]) -> TrainConfig:

@@ -1,8 +1,13 @@
-"""Real, separate Ray processes on loopback: a head and worker nodes started with `ray start`.
+"""The Ray processes tests start, and stopping exactly those, never anyone else's (no `ray stop`).
 
-Other Ray instances may run on the same machine, so every port is picked free and nothing here
-ever runs `ray stop` (it would stop them too). Nodes are stopped by their process ids: a node's
-raylet and everything it spawned (core workers, agents), found through psutil.
+Two kinds:
+- an embedded Ray that a test's `cmx` subprocess starts gets a private temp dir through
+  CMX_RAY_TMP (`private_ray_tmp`); every Ray process (GCS, raylet, dashboard, workers) inherits
+  the driver's environment, so `kill_ray_started_with` finds them by that variable;
+- `LocalRayCluster`: real, separate Ray processes on loopback, a head and worker nodes started with
+  `ray start`. Other Ray instances may run on the same machine, so every port is picked free.
+  Nodes are stopped by their process ids: a node's raylet and everything it spawned (core
+  workers, agents), found through psutil, plus every process that inherited the cluster's tag.
 """
 
 from __future__ import annotations
@@ -12,22 +17,61 @@ import json
 import os
 import random
 import secrets
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import psutil
-from mlflow_server import free_port
-from ray_procs import pids_with_env
+
+from cmx.cluster.runtime import RAY_TMP_ENV
+from cmx.core.net import free_port, port_is_free
+
+# ---------------------------------------------------------------- an embedded Ray, by env
+
+
+def private_ray_tmp() -> str:
+    """A fresh, short temp dir for one embedded Ray (Unix socket paths must stay < 107 bytes)."""
+    return f"/tmp/cmxt-{uuid.uuid4().hex[:8]}"
+
+
+def pids_with_env(key: str, value: str) -> list[int]:
+    """Processes of this user whose environment holds key=value."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+def kill_ray_started_with(tmp: str, timeout: float = 30.0) -> None:
+    """SIGKILL every process that inherited CMX_RAY_TMP=tmp, and wait until they are gone."""
+    deadline = time.monotonic() + timeout
+    while pids := pids_with_env(RAY_TMP_ENV, tmp):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray processes {pids} survived SIGKILL")
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- a multi-node cluster
 
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_IP = "127.0.0.2"  # loopback, but not rewritten by Ray (see LocalRayCluster._start)
-# Each node would otherwise claim ~30% of RAM for its object store (stack notes).
+# Each node would otherwise claim ~30% of RAM for its object store (docs/architecture.md, Ray core).
 OBJECT_STORE_BYTES = 256 * 1024**2
 
 
@@ -47,16 +91,6 @@ def ephemeral_port_range() -> tuple[int, int]:
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999  # Linux's default
-
-
-def port_is_free(port: int) -> bool:
-    """True when nothing holds `port` on loopback right now."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 TAG_ENV = "CMX_TEST_CLUSTER"  # every process of one LocalRayCluster inherits TAG_ENV=<its temp dir>
