@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from machine import machine_info  # noqa: E402
 
+from cmx.core.files import atomic_write_text  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "model_throughput.json"
 
 
@@ -318,9 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_table(result, console)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {args.out}")
     return report
 

@@ -43,6 +43,7 @@ sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]  # loader_through
 from machine import machine_info  # noqa: E402
 
 from cmx.core.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from cmx.core.files import atomic_write_text  # noqa: E402
 
 FMNIST_MEAN, FMNIST_STD = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
@@ -463,9 +464,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["wall_s"] = time.perf_counter() - started
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
     return report
 

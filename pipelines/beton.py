@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from cmx.core.errors import ConfigError, DataError
+from cmx.core.files import atomic_path, atomic_write_text
 from cmx.pipelines.ffcv_compat import ffcv_imported, watched_writer_class
 from cmx.pipelines.images import (
     FolderScan,
@@ -497,10 +498,6 @@ def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=limit).round().astype(np.int64))
 
 
-def _partial_name(out: Path) -> Path:
-    return out.with_name(f".{out.name}.{os.getpid()}.partial")
-
-
 def convert_image_folder(
     src: str | Path,
     out: str | Path,
@@ -557,8 +554,8 @@ def convert_image_folder(
     stored = [_resized(c.width, c.height, max_resolution) for _, c in good]
     max_bytes = max(w * h * 3 for w, h in stored)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, tmp_side = _partial_name(out), _partial_name(sidecar_path(out))
-    try:
+    # `out` gets its name when the block ends, after the sidecar: it appears only when both are complete.
+    with atomic_path(out) as tmp:
         write_beton(
             tmp,
             _ImageSamples([s for s, _ in good]),
@@ -601,13 +598,7 @@ def convert_image_folder(
             },
             "file_bytes": written.file_size,
         }
-        tmp_side.write_text(json.dumps(side, indent=2) + "\n")
-        os.replace(tmp_side, sidecar_path(out))
-        os.replace(tmp, out)  # last: `out` appears only when both files are complete
-    finally:
-        for p in (tmp, tmp_side):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        atomic_write_text(sidecar_path(out), json.dumps(side, indent=2) + "\n")
     return ConversionReport(
         out=out,
         sidecar=sidecar_path(out),

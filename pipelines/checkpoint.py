@@ -8,7 +8,6 @@ tensor, since numpy arrays are not on the safe-unpickling allow-list.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import zipfile
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from cmx.core.errors import CheckpointError
+from cmx.core.files import atomic_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -71,31 +71,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

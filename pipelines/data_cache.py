@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmx.core.errors import DataError
-from cmx.core.files import file_lock
+from cmx.core.files import atomic_write_text, file_lock, fsync_file, leftover_temps
+from cmx.core.uris import is_uri
 
 META_SUFFIX = ".cmx-cache.json"
 
@@ -39,7 +40,7 @@ def _filesystem(source: str) -> tuple[object, str]:
     """(pyarrow filesystem, path in it) for a local path or a URI such as s3://bucket/key."""
     from pyarrow import fs
 
-    if "://" in source:
+    if is_uri(source):
         return fs.FileSystem.from_uri(source)
     return fs.LocalFileSystem(), str(Path(source).expanduser().resolve())
 
@@ -77,7 +78,7 @@ def fetch_to_cache(source: str | Path, cache_dir: str | Path) -> CacheResult:
     except OSError as e:
         raise DataError(f"data.cache_dir {cache}: cannot create ({e.strerror})", "use a writable local path") from None
     filesystem, src_path = _filesystem(source)
-    name = cache_name(source if "://" in source else src_path)
+    name = cache_name(source if is_uri(source) else src_path)
     dest = cache / name
     meta_path = cache / (name + META_SUFFIX)
     with file_lock(cache / (name + ".lock")):
@@ -105,9 +106,7 @@ def fetch_to_cache(source: str | Path, cache_dir: str | Path) -> CacheResult:
         if dest.exists():  # a stale copy of a changed source
             _remove(dest)
         os.replace(tmp, dest)
-        meta_tmp = cache / f"{name}{META_SUFFIX}.tmp-{os.getpid()}"
-        meta_tmp.write_text(json.dumps({"source": source, "signature": signature, "fetched_at": time.time()}))
-        os.replace(meta_tmp, meta_path)
+        atomic_write_text(meta_path, json.dumps({"source": source, "signature": signature, "fetched_at": time.time()}))
     return CacheResult(dest, True, time.monotonic() - started, need)
 
 
@@ -116,11 +115,7 @@ def _fsync(path: Path) -> None:
     leave a complete-looking but truncated cache entry."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(f)
 
 
 def _remove(path: Path) -> None:
@@ -134,7 +129,7 @@ def _remove_leftovers(cache: Path, name: str) -> None:
     """Temporary copies left by a fetch that was killed (we hold the lock: nobody is writing)."""
     for p in cache.glob(f"{name}.tmp-*"):
         _remove(p)
-    for p in cache.glob(f"{name}{META_SUFFIX}.tmp-*"):
+    for p in leftover_temps(cache / (name + META_SUFFIX)):
         _remove(p)
 
 
@@ -142,6 +137,6 @@ def local_data_path(source: str, cache_dir: str | None) -> Path:
     """The path a loader should open: the node-local copy when `cache_dir` is set."""
     if cache_dir:
         return fetch_to_cache(source, cache_dir).path
-    if "://" in source:
+    if is_uri(source):
         raise DataError(f"{source}: loaders read local files only", "set data.cache_dir to fetch it to local disk once")
     return Path(source).expanduser()

@@ -19,15 +19,14 @@ import importlib
 import logging
 import multiprocessing as mp
 import queue
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from cmx.core.errors import ConfigError, DataError
+from cmx.core.versions import checked_version
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +36,15 @@ TESTED = ((1, 0, 2), (1, 1, 0))  # [low, high)
 
 def check_version() -> str:
     """The installed FFCV version; DataError (one line) outside the tested range."""
-    try:
-        found = version("ffcv")  # ffcv.__version__ is wrong in 1.0.2
-    except PackageNotFoundError:
-        raise DataError("FFCV is not installed", "run `make setup` (or use data.backend=torchvision)") from None
-    parts = tuple(int(p) for p in re.findall(r"\d+", found)[:3])
-    low, high = TESTED
-    if not low <= parts < high:
-        raise DataError(
-            f"FFCV {found} is outside the range cmx was tested with "
-            f"({'.'.join(map(str, low))} <= ffcv < {'.'.join(map(str, high))})",
-            "install a tested release: pip install 'ffcv>=1.0.2,<1.1'",
-        )
-    return found
+    # From the package metadata: ffcv.__version__ is wrong in 1.0.2.
+    return checked_version(
+        "ffcv",
+        "FFCV",
+        TESTED,
+        DataError,
+        missing_hint="run `make setup` (or use data.backend=torchvision)",
+        install_hint="install a tested release: pip install 'ffcv>=1.0.2,<1.1'",
+    )
 
 
 @contextlib.contextmanager

@@ -20,6 +20,8 @@ import click
 
 from cmx.core import metrics as M
 from cmx.core.errors import TrackingError
+from cmx.core.net import is_listening
+from cmx.core.uris import is_uri
 
 tracking_uri_option = click.option(
     "--tracking-uri",
@@ -222,7 +224,7 @@ def ui(tracking_uri: str | None, host: str, port: int) -> None:
     if T.is_server_uri(uri):
         click.echo(f"the store is a tracking server; its UI is at {uri}")
         return
-    if not port_free(host, port):
+    if is_listening(host, port):
         raise TrackingError(f"port {port} on {host} is in use", "pass --port N")
     cmd, env = ui_command(uri, host, port)
     click.echo(f"MLflow UI for {uri} (starting, ~10-30 s)...")
@@ -260,9 +262,9 @@ def server(
         assert db is not None
         db.parent.mkdir(parents=True, exist_ok=True)
     root = artifact_root or str(T.local_store_dir() / "artifacts")
-    if "://" not in root:
+    if not is_uri(root):
         Path(root).expanduser().mkdir(parents=True, exist_ok=True)
-    if not port_free("127.0.0.1" if host == "0.0.0.0" else host, port):
+    if is_listening("127.0.0.1" if host == "0.0.0.0" else host, port):
         raise TrackingError(f"port {port} is in use", "pass --port N")
     cmd = [
         sys.executable, "-m", "mlflow", "server",
@@ -334,10 +336,3 @@ def wait_healthy(url: str, proc: Any, timeout: float = 180.0) -> bool:
             pass
         time.sleep(0.3)
     return False
-
-
-def port_free(host: str, port: int) -> bool:
-    """True when nothing listens on host:port."""
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((host, port)) != 0

@@ -15,9 +15,10 @@ from cmx.core.errors import ConfigError
 from cmx.core.paths import sweeps_dir
 from cmx.core.search_space import grid_size, preview
 from cmx.core.sweep_spec import load_sweep_spec, trial_config
+from cmx.core.uris import is_uri
 from cmx.sweep.resources import concurrency, plan_resources
 from cmx.sweep.results import list_sweeps, sweep_status
-from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, experiment_path, is_uri, read_text
+from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, experiment_path, read_text
 
 
 @click.group(invoke_without_command=True)
@@ -127,12 +128,7 @@ def _print_plan(spec: Any, address: str | None) -> None:
     for key, dist in spec.space.items():
         table.add_row(key, dist.model_dump_json(exclude={"type"}).replace('"', "") + f"  ({dist.type})")
     console.print(table)
-    r = spec.resources
-    per_trial = (
-        f"{r.cpus:g} CPU, {r.gpus:g} GPU"
-        if r.workers == 1
-        else f"{r.workers} workers × ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU)"
-    )
+    per_trial = spec.resources.describe()
     if address is None:
         plan = plan_resources(spec, [local_capacity()])
         fits = f"{concurrency(spec, plan)} at once on this machine"

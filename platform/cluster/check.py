@@ -32,6 +32,7 @@ from cmx.cluster.ray_compat import prepare_cluster_config, validate_cluster_conf
 from cmx.core.config import StrictModel, load_yaml, validate_config
 from cmx.core.errors import ConfigError
 from cmx.core.sweep_spec import load_sweep_spec
+from cmx.core.uris import is_uri
 
 PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
 SHARED_SCHEMES = ("s3", "gs", "gcs", "abfs", "az", "hdfs")
@@ -232,7 +233,7 @@ def cache_dir_problems(settings: CmxClusterSettings) -> list[Problem]:
     key = "metadata.cmx.data_cache_dir"
     if not d:
         return []
-    if not d.startswith("/") or "://" in d:
+    if not d.startswith("/") or is_uri(d):
         return [
             Problem(key, f"{d!r} must be an absolute local path", "e.g. /var/tmp/cmx-cache on each node's local disk")
         ]
@@ -302,13 +303,7 @@ def check_cluster_file(path: str | Path, space: str | Path | None = None) -> Clu
             "node types: " + ", ".join(f"{t.name} ({t.gpus:g} GPU, up to {t.max_workers})" for t in types)
         )
         if spec is not None:
-            r = spec.resources
-            per_trial = (
-                f"{r.cpus:g} CPU, {r.gpus:g} GPU"
-                if r.workers == 1
-                else (f"{r.workers} workers × ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU)")
-            )
-            report.summary.append(f"sweep: {spec_source} ({per_trial} per trial)")
+            report.summary.append(f"sweep: {spec_source} ({spec.resources.describe()} per trial)")
             report.problems.extend(gpu_problems(spec, types, f"{spec_source}: resources"))
     if spec is None:
         report.notes.append("no sweep file (--space or metadata.cmx.space): the GPU check was skipped")

@@ -13,11 +13,10 @@ Every entry point checks the installed Ray against `TESTED` first and fails with
 from __future__ import annotations
 
 import functools
-import re
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 from cmx.core.errors import ClusterError
+from cmx.core.versions import checked_version
 
 # The Ray releases these internals were read in and tested against (pyproject pins the same range).
 TESTED = ((2, 60, 0), (2, 61, 0))  # [low, high)
@@ -28,19 +27,14 @@ T = TypeVar("T", bound=type)
 @functools.cache
 def check_version() -> str:
     """The installed Ray version; ClusterError (one line) outside the tested range."""
-    try:
-        found = version("ray")
-    except PackageNotFoundError:
-        raise ClusterError("Ray is not installed", "run `make setup`") from None
-    parts = tuple(int(p) for p in re.findall(r"\d+", found)[:3])
-    low, high = TESTED
-    if not low <= parts < high:
-        raise ClusterError(
-            f"Ray {found} is outside the range cmx was tested with "
-            f"({'.'.join(map(str, low))} <= ray < {'.'.join(map(str, high))})",
-            "install a tested release: pip install 'ray[default,tune,train]>=2.60,<2.61'",
-        )
-    return found
+    return checked_version(
+        "ray",
+        "Ray",
+        TESTED,
+        ClusterError,
+        missing_hint="run `make setup`",
+        install_hint="install a tested release: pip install 'ray[default,tune,train]>=2.60,<2.61'",
+    )
 
 
 def replace_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cmx.core.errors import ClusterError
 from cmx.core.files import file_lock
+from cmx.core.net import free_port
 
 # Unix socket paths must stay under 107 bytes, so Ray's temp dir is kept short. CMX_RAY_TMP
 # moves it (tests give each embedded Ray its own, so they can stop exactly that one).
@@ -86,7 +87,7 @@ def init_ray(
     try:
         with local_start_lock() if address is None else contextlib.nullcontext():
             if address is None:
-                kwargs["dashboard_port"] = free_port(DASHBOARD_PORT) if dashboard else None
+                kwargs["dashboard_port"] = dashboard_port() if dashboard else None
             ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -97,28 +98,22 @@ def init_ray(
 
 
 def local_start_lock() -> contextlib.AbstractContextManager[None]:
-    """One local Ray start at a time on this machine: between `free_port` finding the dashboard
+    """One local Ray start at a time on this machine: between `dashboard_port` finding the dashboard
     port free and Ray binding it, another cmx starting at the same moment would take it too."""
 
     return file_lock(Path(tempfile.gettempdir()) / f"cmx-ray-start-{os.getuid()}.lock")
 
 
-def free_port(preferred: int, host: str = "127.0.0.1") -> int:
-    """`preferred` if nothing listens on it, else a free port the OS picks.
+def dashboard_port(host: str = "127.0.0.1") -> int:
+    """Ray's default dashboard port if nothing holds it, else a free port the OS picks.
 
     Ray gives up on its dashboard when the port is taken (a second local sweep on one machine),
     and without the dashboard agent stopped data-parallel trials never return their CPUs.
     """
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise ClusterError(f"no free TCP port on {host} for the Ray dashboard")
+    try:
+        return free_port(host, preferred=DASHBOARD_PORT)
+    except OSError:
+        raise ClusterError(f"no free TCP port on {host} for the Ray dashboard") from None
 
 
 def shutdown_ray() -> None:

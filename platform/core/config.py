@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cmx.core.errors import ConfigError
 from cmx.core.metrics import ALL, MODES
+from cmx.core.uris import is_uri
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -350,7 +351,7 @@ def resolve_data_paths(config: dict[str, Any], root: Path) -> None:
         return
     for key in ("train_path", "val_path"):
         value = section.get(key)
-        if isinstance(value, str) and value and "://" not in value:
+        if isinstance(value, str) and value and not is_uri(value):
             p = Path(os.path.expandvars(value)).expanduser()
             section[key] = str(p if p.is_absolute() else (root / p).resolve())
 

@@ -1,9 +1,11 @@
-"""An exclusive lock shared by the processes of one machine, held on a file."""
+"""File helpers shared by every layer: atomic writes, and an exclusive lock shared by the
+processes of one machine."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,3 +19,61 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def temp_path(path: Path) -> Path:
+    """The hidden, per-process name `path` is written under before its rename."""
+    # The same directory keeps os.replace atomic; the pid keeps concurrent writers apart.
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temp path to write; it replaces `path` if the block succeeds, else it is removed."""
+    # Readers see the old file or the whole new one, never a part. `fsync` flushes the file
+    # before the rename and the directory after it: the new file then survives a power loss too.
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        if fsync:
+            fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def leftover_temps(path: Path) -> list[Path]:
+    """Temp files of `path` that writers killed before their rename left behind."""
+    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> None:
+    """Write `text` to `path` through `atomic_path`: never a half-written file."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text(text)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)  # fsync flushes the file's data whichever descriptor asks
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Persist a rename inside `directory` (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -189,6 +189,12 @@ class ResourcesConfig(StrictModel):
     max_failures: int = Field(2, ge=0, description="retries of a failed trial, from its checkpoint")
     reuse_actors: bool = Field(True, description="run successive trials in the same Ray actor")
 
+    def describe(self) -> str:
+        """What one trial takes, for people: `1 CPU, 0 GPU` or `4 workers × (1 CPU, 1 GPU)`."""
+        if self.workers == 1:
+            return f"{self.cpus:g} CPU, {self.gpus:g} GPU"
+        return f"{self.workers} workers × ({self.cpus_per_worker:g} CPU, {self.gpus_per_worker:g} GPU)"
+
 
 class StorageConfig(StrictModel):
     """Where Ray Tune keeps sweep state and checkpoints (shared storage on a cluster)."""

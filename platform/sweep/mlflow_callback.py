@@ -25,6 +25,7 @@ from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED
 from cmx.core.paths import cmx_home
 from cmx.core.search_space import decode_params
 from cmx.core.sweep_spec import SweepSpec, trial_config
+from cmx.core.uris import is_uri
 from cmx.pipelines.checkpoint import resolve_checkpoint
 from cmx.sweep.results import trial_status  # the one definition of a trial's outcome
 from cmx.tracking import provenance as P
@@ -441,7 +442,7 @@ class MLflowTrackingCallback(tune.Callback):
 
 def _state_dir(spec: SweepSpec, experiment_dir: str) -> Path:
     """The sweep directory when it is local; for s3:// storage a local directory under $CMX_HOME."""
-    if "://" in str(experiment_dir):
+    if is_uri(experiment_dir):
         path = cmx_home() / "mlflow" / "sweeps" / str(spec.name)
     else:
         path = Path(experiment_dir).expanduser()
@@ -486,7 +487,7 @@ class _checkpoint_dir:  # noqa: N801 - used as a context manager, like contextli
         if checkpoint is None:
             return None
         local = Path(checkpoint.path)
-        if "://" not in checkpoint.path and local.is_dir():
+        if not is_uri(checkpoint.path) and local.is_dir():
             return local
         self._tmp = tempfile.TemporaryDirectory(prefix="cmx-ckpt-")
         return Path(checkpoint.to_directory(self._tmp.name))

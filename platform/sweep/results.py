@@ -19,6 +19,7 @@ from cmx.core.metrics import DIVERGED, REJECTED
 from cmx.core.paths import sweeps_dir
 from cmx.core.search_space import decode_params, grid_size
 from cmx.core.sweep_spec import SweepSpec, trial_config
+from cmx.core.uris import is_uri
 from cmx.sweep.storage import BEST_CONFIG_FILE, SPEC_FILE
 
 
@@ -85,7 +86,7 @@ def summarise(spec: SweepSpec, grid: Any, path: str) -> SweepOutcome:
         outcome.best = best_row
         cfg = trial_config(spec, best_row["params"])
         cfg.loop.epochs = spec.max_epochs
-        if "://" not in path:
+        if not is_uri(path):
             outcome.best_config_path = Path(path) / BEST_CONFIG_FILE
             outcome.best_config_path.write_text(
                 f"# Best trial {best_row['trial_id']} of sweep {spec.name}: "

@@ -14,16 +14,12 @@ from pathlib import Path
 from cmx.core.errors import ConfigError
 from cmx.core.paths import sweeps_dir
 from cmx.core.sweep_spec import SweepSpec
+from cmx.core.uris import is_uri
 
 # What cmx keeps beside Tune's state in a sweep directory.
 SPEC_FILE = "cmx-sweep.yaml"  # the validated spec, saved in the experiment dir
 SOURCE_FILE = "cmx-space.yaml"  # the user's file as written
 BEST_CONFIG_FILE = "best-config.yaml"
-
-
-def is_uri(location: str) -> bool:
-    """True for `scheme://...` locations (handled by pyarrow.fs), False for local paths."""
-    return "://" in location
 
 
 def _remote(location: str) -> tuple[object, str]:

@@ -22,6 +22,8 @@ from typing import Any
 
 from ray import tune
 
+from cmx.core.files import atomic_path, atomic_write_text
+
 log = logging.getLogger("cmx.sweep")
 
 BACKUP_DIR = ".cmx-tune-state"
@@ -68,15 +70,6 @@ def _fsync_copy(src: Path, dst: Path) -> None:
         os.fsync(fout.fileno())
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_backup(staging: Path, experiment_dir: Path) -> Path | None:
     """Copy the newest whole state files from `staging` into a new backup set; None if incomplete."""
     files = newest_state_files(staging)
@@ -87,7 +80,7 @@ def save_backup(staging: Path, experiment_dir: Path) -> Path | None:
     target.mkdir(parents=True)
     for f in files:
         _fsync_copy(f, target / f.name)
-    _write_atomic(root / CURRENT_FILE, target.name)
+    atomic_write_text(root / CURRENT_FILE, target.name, fsync=True)
     for old in root.iterdir():
         if old.is_dir() and old.name != target.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -117,9 +110,8 @@ def repair_torn_state(experiment_dir: str | Path) -> list[str]:
         raise ValueError(f"{', '.join(torn)} cut off and no complete copy in {BACKUP_DIR}/")
     restored = []
     for f in sorted(backup.iterdir()):
-        tmp = experiment_dir / f".{f.name}.tmp-{os.getpid()}"
-        _fsync_copy(f, tmp)
-        os.replace(tmp, experiment_dir / f.name)
+        with atomic_path(experiment_dir / f.name) as tmp:
+            _fsync_copy(f, tmp)
         restored.append(f.name)
     # A torn file from a later save than the copy would still be the newest of its kind: set aside.
     for name in torn:

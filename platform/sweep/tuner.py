@@ -20,6 +20,7 @@ from cmx.core.errors import ConfigError
 from cmx.core.metrics import DIVERGED, REJECTED
 from cmx.core.search_space import encode_params, make_sampler, optuna_space
 from cmx.core.sweep_spec import ChoiceDist, FloatDist, GridDist, IntDist, SweepSpec
+from cmx.core.uris import is_uri
 from cmx.sweep.checkpoint_retention import CheckpointRetention
 from cmx.sweep.mlflow_callback import MLflowTrackingCallback
 from cmx.sweep.promotion_asha import PromotionASHA, RungFeedback
@@ -148,7 +149,7 @@ def run_sweep(
         CheckpointRetention(),
         KeepTrialLogs(),
     ]
-    if "://" not in path:
+    if not is_uri(path):
         callbacks.append(StateBackup(path))
     init_ray(address)
     plan = plan_resources(spec, alive_nodes())
@@ -248,7 +249,7 @@ def _prepare_experiment_dir(spec: SweepSpec, path: str, source_text: str, fresh:
 
 def _repair_saved_state(spec: SweepSpec, path: str) -> None:
     """Put back Tune's state files that a killed driver left cut off (local storage only)."""
-    if "://" in path:
+    if is_uri(path):
         return
 
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmx.core.config import TrainConfig
+from cmx.core.uris import is_uri
 from cmx.models import count_flops, count_params, create_model
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def redact_uri(uri: str | None) -> str:
     """A URI without the user and password it may carry (`http://user:pw@host` -> `http://***@host`)."""
-    if not uri or "@" not in uri or "://" not in uri:
+    if not uri or "@" not in uri or not is_uri(uri):
         return str(uri)
     scheme, rest = uri.split("://", 1)
     userinfo, _, host = rest.rpartition("@")
@@ -127,7 +128,7 @@ def data_fingerprint(path: str | None) -> str:
     """Size and hash of a dataset's index: a `.beton`'s first and last MiB (header, metadata and
     allocation table live there) plus its class-names sidecar, or an ImageFolder's sorted file
     list with sizes. Cheap: reads at most 2 MiB or lists a directory."""
-    if not path or "://" in path:
+    if not path or is_uri(path):
         return "unavailable" if not path else f"remote {path}"
     p = Path(path).expanduser()
     if not p.exists():

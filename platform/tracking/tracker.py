@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cmx.core.errors import TrackingError
+from cmx.core.files import atomic_write_text
 from cmx.tracking.store import (
     PARENT_TAG,
     TAG_RUN_KEY,
@@ -70,12 +70,6 @@ def _transient(error: BaseException) -> bool:
             "ABORTED",
         }
     return type(error).__name__ in {"OperationalError", "DBAPIError"}  # sqlite "database is locked"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _now_ms() -> int:
@@ -137,7 +131,7 @@ class Tracker:
         return self.state["meta"]
 
     def save(self) -> None:
-        _write_json(self.state_file, self.state)
+        atomic_write_text(self.state_file, json.dumps(self.state, indent=1, sort_keys=True))
 
     def run_id(self, key: str) -> str | None:
         """The MLflow run id of a key, once the run exists in the store."""
@@ -390,9 +384,7 @@ class Tracker:
         if not ops:
             self.journal_file.unlink(missing_ok=True)
             return
-        tmp = self.journal_file.with_name(f".{JOURNAL_FILE}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(op) + "\n" for op in ops))
-        os.replace(tmp, self.journal_file)
+        atomic_write_text(self.journal_file, "".join(json.dumps(op) + "\n" for op in ops))
 
     def _rid(self, key: str) -> str:
         run_id = self.run_id(key)
