@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from machine import machine_info  # noqa: E402
 
-from cmx.core.metrics import MODES, TRAIN_LOSS, VAL_TOP1  # noqa: E402
+from cmx.core.metrics import MODES, TRAIN_LOSS, VAL_TOP1, TrialStatus  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 EARLY_METRICS = {m: 1.0 if MODES[m] == "max" else -1.0 for m in (VAL_TOP1, TRAIN_LOSS)}  # sign: higher is better
@@ -122,19 +122,19 @@ def run(path: Path) -> dict[str, Any]:
     ray.shutdown()
     overheads = []
     for t in outcome.trials:
-        rows = trial_results(Path(t["path"]))
+        rows = trial_results(Path(t.path))
         if rows and "time/epoch_seconds" in rows[0]:
             overheads.append(rows[0]["time_total_s"] - rows[0]["time/epoch_seconds"])
     return {
-        "best_top1": max((t["best"] or 0.0) for t in outcome.trials),
-        "epochs": sum(t["epochs"] for t in outcome.trials),
-        "epochs_per_trial": [t["epochs"] for t in outcome.trials],
+        "best_top1": max((t.best or 0.0) for t in outcome.trials),
+        "epochs": sum(t.epochs for t in outcome.trials),
+        "epochs_per_trial": [t.epochs for t in outcome.trials],
         "trials": len(outcome.trials),
-        "stopped_early": sum(t["status"] == "stopped early" for t in outcome.trials),
+        "stopped_early": sum(t.status == TrialStatus.SCHEDULER_STOPPED for t in outcome.trials),
         "wall_s": wall,
         "overhead_s_median": statistics.median(overheads) if overheads else None,
         "overhead_s_all": overheads,
-        "curves": [metric_curves(Path(t["path"])) for t in outcome.trials],
+        "curves": [metric_curves(Path(t.path)) for t in outcome.trials],
     }
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from cmx.core import metrics as M
 from cmx.core.config import DataConfig, TrainConfig, dump_yaml
 from cmx.core.errors import CheckpointError, ConfigError, DataError
+from cmx.core.metrics import TrialStatus
 from cmx.models import create_model
 from cmx.pipelines import distributed as dist
 from cmx.pipelines.checkpoint import (
@@ -60,7 +61,6 @@ __all__ = [
     "val_loop",
 ]
 
-Status = Literal["completed", "early_stopped", "diverged"]
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 RESULT_FILE = "result.json"
@@ -83,7 +83,7 @@ Reporter = Callable[[EpochReport], None]
 class TrainResult:
     """How a run ended; `message` is one line for people."""
 
-    status: Status
+    status: TrialStatus  # COMPLETED, PATIENCE_STOPPED or DIVERGED
     epochs_completed: int
     final_metrics: dict[str, float]
     best_metrics: dict[str, float]
@@ -95,6 +95,7 @@ class TrainResult:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (paths as strings)."""
         out = asdict(self)
+        out["status"] = self.status.value
         out["run_dir"] = str(self.run_dir)
         out["best_checkpoint"] = str(self.best_checkpoint) if self.best_checkpoint else None
         return out
@@ -106,6 +107,7 @@ class TrainResult:
         return cls(
             **{
                 **data,
+                "status": TrialStatus(data["status"]),
                 "run_dir": Path(data["run_dir"]),
                 "best_checkpoint": Path(best) if best else None,
             }
@@ -802,7 +804,7 @@ def _run_epochs(
     class_names: list[str],
     reporter: Reporter | None,
     display: Display,
-) -> tuple[Status, str]:
+) -> tuple[TrialStatus, str]:
     """The epoch loop: train, validate, record, checkpoint, report, stop early or on divergence."""
     loop, main = config.loop, rt.rank == 0
     steps = len(train_loader)
@@ -819,7 +821,7 @@ def _run_epochs(
             kept = (
                 f"last good checkpoint: {last} (epoch {state.epoch})" if last.is_file() else "no checkpoint was written"
             )
-            return "diverged", (
+            return TrialStatus.DIVERGED, (
                 f"training diverged: the loss became {stats.bad_loss} in epoch {epoch + 1} "
                 f"(lr {stats.lr:.3g}); stopped, {kept}"
             )
@@ -843,7 +845,7 @@ def _run_epochs(
         if reporter is not None:
             reporter(EpochReport(state.epoch, dict(metrics), checkpoint_dir, is_best))
         if stop:
-            return "early_stopped", (
+            return TrialStatus.PATIENCE_STOPPED, (
                 f"early stop: {loop.early_stop_metric} did not improve for {loop.early_stop_patience} "
                 f"epochs (best {state.best_value:.4g} at epoch {state.best_epoch})"
             )
@@ -852,7 +854,7 @@ def _run_epochs(
         if state.best_value is not None
         else ""
     )
-    return "completed", f"completed {state.epoch} epochs{best}"
+    return TrialStatus.COMPLETED, f"completed {state.epoch} epochs{best}"
 
 
 def _steps_taken(stats: EpochStats, config: TrainConfig, steps: int) -> int:

@@ -69,7 +69,7 @@ def test_trials_pause_at_rungs_and_only_the_best_resume(
     outcome = run_sweep(spec, source_text=path.read_text())
     assert len(outcome.trials) == 8 and not outcome.interrupted and not outcome.all_failed
     # Each trial's epochs ran once, in order, across its pauses (resumed from its checkpoint).
-    rows = {t["path"]: trial_rows(Path(t["path"])) for t in outcome.trials}
+    rows = {t.path: trial_rows(Path(t.path)) for t in outcome.trials}
     for trial_path, r in rows.items():
         assert [x["training_iteration"] for x in r] == list(range(1, len(r) + 1)), trial_path
         assert [x["epoch"] for x in r] == list(range(1, len(r) + 1)), trial_path
@@ -81,7 +81,7 @@ def test_trials_pause_at_rungs_and_only_the_best_resume(
     assert sum(epochs[p] == 1 for p in loss1[4:]) >= 3, epochs
     assert max(epochs.values()) == 4  # someone trained the full budget
     assert sum(epochs.values()) <= 20, epochs  # 8 x 4 = 32 without early stopping
-    statuses = [t["status"] for t in outcome.trials]
+    statuses = [t.status for t in outcome.trials]
     assert statuses.count("completed") >= 1 and statuses.count("stopped early") >= 5, statuses
     assert outcome.best is not None and outcome.best_checkpoint and Path(outcome.best_checkpoint).is_dir()
     # TPE heard of every trial: each waiting trial when it first paused, the others when they ended.
@@ -96,7 +96,7 @@ def test_trials_pause_at_rungs_and_only_the_best_resume(
     saved = json.loads(state_file.read_text())["trial_data"]
     assert [json.loads(t[0])["status"] for t in saved] == ["TERMINATED"] * 8
     again = run_sweep(spec, source_text=path.read_text())
-    assert again.resumed and {t["path"]: t["epochs"] for t in again.trials} == epochs
+    assert again.resumed and {t.path: t.epochs for t in again.trials} == epochs
     # MLflow: one run per trial, every epoch once across the pauses, ended as Tune ended the trial.
     from cmx.core import metrics as M
     from cmx.tracking.store import TAG_ROLE, TAG_TRIAL, make_client
@@ -160,7 +160,7 @@ def test_killed_promotion_sweep_resumes_with_its_waiting_trials_still_waiting(
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming sweep promokill" in out.stderr
     status = sweep_status(exp)
-    assert status["complete"] and len(status["trials"]) == 8, status
+    assert status.complete and len(status.trials) == 8, status
     epochs = {d.name: [r["epoch"] for r in trial_rows(d)] for d in exp.glob("trial_*")}
     assert len(epochs) == 8
     for name, its in epochs.items():
@@ -216,7 +216,7 @@ def test_data_parallel_trials_pause_and_resume_and_release_cpus(
             scheduler=PROMOTION,
         )
         outcome = run_sweep(load_sweep_spec(path), source_text=path.read_text())
-        rows = {t["path"]: trial_rows(Path(t["path"])) for t in outcome.trials}
+        rows = {t.path: trial_rows(Path(t.path)) for t in outcome.trials}
         assert len(rows) == 2 and not outcome.all_failed, outcome.trials
         for trial_path, r in rows.items():
             assert [x["epoch"] for x in r] == list(range(1, len(r) + 1)), trial_path
@@ -225,7 +225,7 @@ def test_data_parallel_trials_pause_and_resume_and_release_cpus(
         by_loss = sorted(rows, key=lambda p: rows[p][0]["train/loss"])
         assert [len(rows[p]) for p in by_loss] == [2, 1], rows
         # Counted in the trainer's epochs: Tune's training_iteration restarts when a TorchTrainer resumes.
-        summary = {t["path"]: (t["epochs"], t["status"]) for t in outcome.trials}
+        summary = {t.path: (t.epochs, t.status) for t in outcome.trials}
         assert [summary[p] for p in by_loss] == [(2, "completed"), (1, "stopped early")], summary
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < 3 - 1e-6:

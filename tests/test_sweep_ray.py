@@ -36,32 +36,32 @@ def test_asha_sweep_stops_weak_trials_and_finds_best(
     spec = load_sweep_spec(path)
     outcome = run_sweep(spec, source_text=path.read_text())
     assert len(outcome.trials) == 6 and not outcome.interrupted
-    statuses = [t["status"] for t in outcome.trials]
+    statuses = [t.status for t in outcome.trials]
     assert "stopped early" in statuses, statuses  # ASHA cut some trials at its first rung
     assert "completed" in statuses, statuses
     assert all(s in ("completed", "stopped early") for s in statuses), outcome.trials
     best = outcome.best
-    assert best is not None and best["best"] == max(t["best"] for t in outcome.trials)
-    assert best["best"] > 15  # percent; learned something: 10 classes, chance is 10%
+    assert best is not None and best.best == max(t.best for t in outcome.trials)
+    assert best.best > 15  # percent; learned something: 10 classes, chance is 10%
     assert outcome.best_checkpoint and Path(outcome.best_checkpoint).is_dir()
     assert any(Path(outcome.best_checkpoint).iterdir())
     # The best config is a ready-to-run training config.
     from cmx.core.config import load_train_config
 
     cfg = load_train_config(outcome.best_config_path)
-    assert cfg.model.dim == best["params"]["model.dim"]
+    assert cfg.model.dim == best.params["model.dim"]
     # The seed makes the sampled configs reproducible: TPE's random start-up configs match the preview.
-    sampled = [t["params"] for t in sorted(outcome.trials, key=lambda t: t["path"])]
+    sampled = [t.params for t in sorted(outcome.trials, key=lambda t: t.path)]
     first = preview(spec, 2)
     for p in first:
         assert any(all(_close(p[k], s[k]) for k in p) for s in sampled), (p, sampled)
     # On-disk status agrees, without Ray.
     status = sweep_status(outcome.path)
-    assert status["complete"] and len(status["trials"]) == 6
+    assert status.complete and len(status.trials) == 6
     # Bounded storage: a finished trial keeps its best and its last epoch's checkpoints, no more.
     for t in outcome.trials:
-        kept = sorted(p.name for p in Path(t["path"]).glob("checkpoint_*"))
-        assert 1 <= len(kept) <= 2 and kept[-1] == f"checkpoint_{t['epochs'] - 1:06d}", (t["path"], kept)
+        kept = sorted(p.name for p in Path(t.path).glob("checkpoint_*"))
+        assert 1 <= len(kept) <= 2 and kept[-1] == f"checkpoint_{t.epochs - 1:06d}", (t.path, kept)
 
 
 def _close(a: object, b: object) -> bool:
@@ -109,7 +109,7 @@ def test_killed_driver_resumes_without_redoing_finished_trials(
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming sweep resume" in out.stderr
     status = sweep_status(exp)
-    assert status["complete"] and len(status["trials"]) == 4, status
+    assert status.complete and len(status.trials) == 4, status
     for name, rows in finished.items():
         assert len(trial_rows(exp / name)) == rows, f"{name} was re-run after resume"
 
@@ -164,7 +164,7 @@ def test_lost_node_trial_resumes_from_checkpoint_on_another(
         killer.join(timeout=5)
         assert killed, "no trial was caught mid-run"
         assert len(outcome.trials) == 2
-        assert all(t["status"] == "completed" for t in outcome.trials), outcome.trials
+        assert all(t.status == "completed" for t in outcome.trials), outcome.trials
         rows = trial_rows(exp / killed["trial"])
         epochs = [r["epoch"] for r in rows]
         # Resumed from the last epoch checkpoint, not from scratch: the trainer's epoch counter
@@ -199,11 +199,11 @@ def test_data_parallel_trials_and_asha_release_cpus(tmp_path: Path, fmnist_tiny_
         )
         spec = load_sweep_spec(path)
         outcome = run_sweep(spec, source_text=path.read_text())
-        statuses = [t["status"] for t in outcome.trials]
+        statuses = [t.status for t in outcome.trials]
         assert len(statuses) == 3 and "failed" not in statuses, outcome.trials
         assert "stopped early" in statuses, statuses
-        first_loss = {t["path"]: trial_rows(Path(t["path"]))[0]["train/loss"] for t in outcome.trials}
-        stopped = [first_loss[t["path"]] for t in outcome.trials if t["status"] == "stopped early"]
+        first_loss = {t.path: trial_rows(Path(t.path))[0]["train/loss"] for t in outcome.trials}
+        stopped = [first_loss[t.path] for t in outcome.trials if t.status == "stopped early"]
         assert min(stopped) > min(first_loss.values()), first_loss  # the lowest train loss is never cut
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -165,7 +165,7 @@ def test_server_down_mid_sweep_loses_no_metric(
         ray.shutdown()
         thread.join(timeout=200)
     assert seen.get("journaled") == 1, seen  # calls were kept while the server was down
-    assert all(t["status"] == "completed" for t in outcome.trials), outcome.trials
+    assert all(t.status == "completed" for t in outcome.trials), outcome.trials
     if (exp / JOURNAL_FILE).is_file():  # the sweep ended before the server was back: replay by hand
         from click.testing import CliRunner
 

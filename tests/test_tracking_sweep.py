@@ -77,30 +77,30 @@ def test_one_parent_and_one_child_per_trial_with_full_histories(sweep: dict[str,
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(runs) - 1 == 3
     by_trial = {c.data.tags["cmx.trial_id"]: c for c in children}
-    assert set(by_trial) == {t["trial_id"] for t in sweep["outcome"].trials}
+    assert set(by_trial) == {t.trial_id for t in sweep["outcome"].trials}
     for trial in sweep["outcome"].trials:
-        run = by_trial[trial["trial_id"]]
-        expected_status = {"completed": "FINISHED", "stopped early": "KILLED"}[trial["status"]]
+        run = by_trial[trial.trial_id]
+        expected_status = {"completed": "FINISHED", "stopped early": "KILLED"}[trial.status]
         assert run.info.status == expected_status, (trial, run.data.tags)
-        assert run.data.tags["cmx.status"] == trial["status"].replace(" ", "_")
+        assert run.data.tags["cmx.status"] == trial.status.replace(" ", "_")
         # Every epoch of every per-epoch metric, at step=epoch, with the values the trial reported.
-        rows = trial_rows(Path(trial["path"]))
-        assert [int(r[M.EPOCH]) for r in rows] == list(range(1, trial["epochs"] + 1))
+        rows = trial_rows(Path(trial.path))
+        assert [int(r[M.EPOCH]) for r in rows] == list(range(1, trial.epochs + 1))
         for key in PER_EPOCH:
             history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
             assert history == [(int(r[M.EPOCH]), pytest.approx(r[key])) for r in rows], key
-        assert run.data.metrics[f"best/{M.VAL_TOP1}"] == pytest.approx(trial["best"])
+        assert run.data.metrics[f"best/{M.VAL_TOP1}"] == pytest.approx(trial.best)
     # The parent carries the best-so-far curve of the sweep, one point per epoch trained.
     curve = sorted((m.step, m.value) for m in client.get_metric_history(parent.info.run_id, f"sweep/best/{M.VAL_TOP1}"))
-    assert len(curve) == sum(t["epochs"] for t in sweep["outcome"].trials)
+    assert len(curve) == sum(t.epochs for t in sweep["outcome"].trials)
     assert all(b >= a for (_, a), (_, b) in zip(curve, curve[1:], strict=False))
-    assert curve[-1][1] == pytest.approx(sweep["outcome"].best["best"])
+    assert curve[-1][1] == pytest.approx(sweep["outcome"].best.best)
 
 
 def test_params_tags_and_no_secrets(sweep: dict[str, Any]) -> None:
     client, _, runs = _runs(sweep["uri"])
     children = [r for r in runs if r.data.tags.get("cmx.role") == "trial"]
-    outcome = {t["trial_id"]: t for t in sweep["outcome"].trials}
+    outcome = {t.trial_id: t for t in sweep["outcome"].trials}
     for run in children:
         p, tags = run.data.params, run.data.tags
         trial = outcome[tags["cmx.trial_id"]]
@@ -108,8 +108,8 @@ def test_params_tags_and_no_secrets(sweep: dict[str, Any]) -> None:
         for key in ("data.batch_size", "data.backend", "model.name", "optim.name", "schedule.name", "loop.epochs",
                     "loop.seed", "checkpoint.every_epoch"):  # fmt: skip
             assert key in p, key
-        assert p["model.dim"] == str(trial["params"]["model.dim"])
-        assert float(p["optim.lr"]) == pytest.approx(trial["params"]["optim.lr"])
+        assert p["model.dim"] == str(trial.params["model.dim"])
+        assert float(p["optim.lr"]) == pytest.approx(trial.params["optim.lr"])
         assert int(p["model.num_params"]) > 100 and int(p["model.flops"]) > 10_000
         assert re.fullmatch(r"[0-9a-f]{40}", tags["cmx.git.commit"]) and tags["cmx.git.dirty"] in ("true", "false")
         for key in ("cmx.version", "cmx.torch_version", "cmx.ray_version", "cmx.host", "cmx.device", "cmx.seed",
@@ -146,7 +146,7 @@ def test_artifacts_plots_search_space_and_bounded_checkpoints(sweep: dict[str, A
     children = [r for r in runs if r.data.tags.get("cmx.role") == "trial"]
     kept = [r for r in children if any(a.path == "checkpoint" for a in client.list_artifacts(r.info.run_id))]
     assert 1 <= len(kept) <= 2, [r.data.tags.get("cmx.checkpoint") for r in children]
-    best_id = sweep["outcome"].best["trial_id"]
+    best_id = sweep["outcome"].best.trial_id
     assert best_id in {r.data.tags["cmx.trial_id"] for r in kept}
     assert all(r.data.tags.get("cmx.checkpoint") == "kept" for r in kept)
     for r in children:
@@ -166,7 +166,7 @@ def test_registered_model_loads_and_reproduces_val_accuracy(
     assert len(ours) == 1, versions
     version = ours[0]
     best = sweep["outcome"].best
-    trial_run = next(r for r in runs if r.data.tags.get("cmx.trial_id") == best["trial_id"])
+    trial_run = next(r for r in runs if r.data.tags.get("cmx.trial_id") == best.trial_id)
     assert version.run_id == trial_run.info.run_id
     assert trial_run.data.tags["cmx.registered_model"] == f"cmx-convmixer/{version.version}"
     dest = sweep["tmp"] / "registered"
@@ -177,11 +177,11 @@ def test_registered_model_loads_and_reproduces_val_accuracy(
     ckpts = list(model_dir.rglob("*.pt"))
     assert len(ckpts) == 1, list(model_dir.rglob("*"))
     state = torch.load(ckpts[0], map_location="cpu", weights_only=True)
-    assert state["config"]["model"]["dim"] == best["params"]["model.dim"]
+    assert state["config"]["model"]["dim"] == best.params["model.dim"]
     # The checkpoint reproduces the reported best val top-1 on the val data.
     got = evaluate(ckpts[0], fmnist_tiny_paths["val_dir"], threads=1)
-    assert got[M.VAL_TOP1] == pytest.approx(best["best"], abs=0.26)  # at most one of 400 images
-    assert float(version.tags["cmx.value"]) == pytest.approx(best["best"], rel=1e-5)
+    assert got[M.VAL_TOP1] == pytest.approx(best.best, abs=0.26)  # at most one of 400 images
+    assert float(version.tags["cmx.value"]) == pytest.approx(best.best, rel=1e-5)
     # And the pyfunc model gives the same logits as the checkpoint's model.
     import mlflow.pyfunc
     import numpy as np
@@ -203,11 +203,11 @@ def test_cmx_runs_list_best_compare(sweep: dict[str, Any]) -> None:
     out = runner.invoke(cli, ["runs", "list", "--sweep", NAME, *uri])
     assert out.exit_code == 0, out.output
     for t in sweep["outcome"].trials:
-        assert t["trial_id"] in out.output
+        assert t.trial_id in out.output
     best = sweep["outcome"].best
     out = runner.invoke(cli, ["runs", "best", "--sweep", NAME, "--download", str(sweep["tmp"] / "best"), *uri])
     assert out.exit_code == 0, out.output
-    assert f"best trial {best['trial_id']}" in out.output and f"{best['best']:.4f}" in out.output
+    assert f"best trial {best.trial_id}" in out.output and f"{best.best:.4f}" in out.output
     assert "registered model: models:/cmx-convmixer/" in out.output
     assert list((sweep["tmp"] / "best" / "checkpoint").rglob("*.pt"))
     _, _, runs = _runs(sweep["uri"])

@@ -14,10 +14,10 @@ from cmx.core.constraints import violated
 from cmx.core.errors import ConfigError
 from cmx.core.paths import sweeps_dir
 from cmx.core.search_space import grid_size, preview
-from cmx.core.sweep_spec import load_sweep_spec, trial_config
+from cmx.core.sweep_spec import SweepSpec, load_sweep_spec, trial_config
 from cmx.core.uris import is_uri
-from cmx.sweep.resources import concurrency, plan_resources
-from cmx.sweep.results import list_sweeps, sweep_status
+from cmx.sweep.resources import ResourcePlan, concurrency, plan_resources
+from cmx.sweep.results import SweepOutcome, SweepStatus, list_sweeps, sweep_status
 from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, experiment_path, read_text
 
 
@@ -117,7 +117,7 @@ def _saved_spec_path(name: str, storage: str | None) -> Path:
     return path
 
 
-def _print_plan(spec: Any, address: str | None) -> None:
+def _print_plan(spec: SweepSpec, address: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -157,7 +157,7 @@ def _print_plan(spec: Any, address: str | None) -> None:
     console.print(samples)
 
 
-def _run(spec: Any, source_text: str, address: str | None, fresh: bool) -> None:
+def _run(spec: SweepSpec, source_text: str, address: str | None, fresh: bool) -> None:
     from rich.console import Console
 
     from cmx.sweep.tuner import run_sweep
@@ -166,7 +166,7 @@ def _run(spec: Any, source_text: str, address: str | None, fresh: bool) -> None:
     o = spec.objectives()[0]
     callbacks: list[Any] = []
 
-    def on_start(plan: Any, resumed: bool) -> None:
+    def on_start(plan: ResourcePlan, resumed: bool) -> None:
 
         verb = "resuming" if resumed else "starting"
         console.print(
@@ -197,7 +197,7 @@ def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def show_outcome(outcome: Any, spec: Any) -> None:
+def show_outcome(outcome: SweepOutcome, spec: SweepSpec) -> None:
     """Top trials as a table, then where the best config and checkpoint are."""
     from rich.console import Console
     from rich.table import Table
@@ -208,10 +208,10 @@ def show_outcome(outcome: Any, spec: Any) -> None:
     for col in ("#", "trial", "status", "epochs", o.metric, "params"):
         table.add_column(col, overflow="fold")
     for i, row in enumerate(outcome.trials[:10], 1):
-        best = "—" if row["best"] is None else f"{row['best']:.4f}"
-        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in row["params"].items())
-        status = row["status"] + (f": {row['error']}" if row.get("error") else "")
-        table.add_row(str(i), row["trial_id"], status, str(row["epochs"]), best, params)
+        best = "—" if row.best is None else f"{row.best:.4f}"
+        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in row.params.items())
+        status = row.status + (f": {row.error}" if row.error else "")
+        table.add_row(str(i), row.trial_id, status, str(row.epochs), best, params)
     console.print(table)
     if outcome.pareto:
         front = Table(title="Pareto front", title_justify="left")
@@ -219,9 +219,7 @@ def show_outcome(outcome: Any, spec: Any) -> None:
         for obj in spec.objectives():
             front.add_column(f"{obj.metric} ({obj.mode})")
         for row in outcome.pareto:
-            front.add_row(
-                row["trial_id"], *[f"{row['metrics'].get(x.metric, float('nan')):.4g}" for x in spec.objectives()]
-            )
+            front.add_row(row.trial_id, *[f"{row.metrics.get(x.metric, float('nan')):.4g}" for x in spec.objectives()])
         console.print(front)
     if outcome.best_config_path:
         console.print(f"best config: {outcome.best_config_path}  (run: cmx train --config {outcome.best_config_path})")
@@ -245,10 +243,10 @@ def list_command(storage: str | None) -> None:
     for col in ("name", "trials", "state", "metric", "best", "path"):
         table.add_column(col)
     for s in rows:
-        n = len(s["trials"])
-        state = "complete" if s["complete"] else "incomplete"
-        best = "—" if not s["best"] else f"{s['best']['best']:.4f} ({s['best']['trial_id']})"
-        table.add_row(s["name"], f"{n}/{s['num_samples']}", state, s["metric"], best, s["path"])
+        n = len(s.trials)
+        state = "complete" if s.complete else "incomplete"
+        best = "—" if s.best is None else f"{s.best.best:.4f} ({s.best.trial_id})"
+        table.add_row(s.name, f"{n}/{s.num_samples}", state, s.metric, best, s.path)
     Console().print(table)
 
 
@@ -265,16 +263,16 @@ def status_command(name: str, storage: str | None) -> None:
             f"cmx sweep status reads a local sweep folder, not {storage}",
             "run it where the storage is mounted (e.g. the head node), or compare the trials in MLflow",
         )
-    s = sweep_status(_saved_spec_path(name, storage).parent)
+    s: SweepStatus = sweep_status(_saved_spec_path(name, storage).parent)
     table = Table(
-        title=f"sweep {s['name']} ({'complete' if s['complete'] else 'incomplete'}): "
-        + ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())),
+        title=f"sweep {s.name} ({'complete' if s.complete else 'incomplete'}): "
+        + ", ".join(f"{k} {v}" for k, v in sorted(s.counts.items())),
         title_justify="left",
     )
-    for col in ("trial", "status", "epochs", f"best {s['metric']}"):
+    for col in ("trial", "status", "epochs", f"best {s.metric}"):
         table.add_column(col)
-    for t in s["trials"]:
-        table.add_row(t["trial_id"], t["status"], str(t["epochs"]), "—" if t["best"] is None else f"{t['best']:.4f}")
+    for t in s.trials:
+        table.add_row(t.trial_id, t.status, str(t.epochs), "—" if t.best is None else f"{t.best:.4f}")
     Console().print(table)
-    if not s["complete"]:
-        click.echo(f"resume with: cmx sweep --resume {s['name']}")
+    if not s.complete:
+        click.echo(f"resume with: cmx sweep --resume {s.name}")

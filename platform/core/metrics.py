@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
 VAL_TOP1 = "val/top1"
@@ -35,6 +37,54 @@ MODES[GFLOPS] = "min"
 REJECTED = "trial/rejected"
 NODE_ID = "trial/node_id"
 DIVERGED = "trial/diverged"
+
+
+class TrialStatus(StrEnum):
+    """How a sweep trial or a `cmx train` run ended (or that it has not started): one member per
+    meaning. The value is what tables and JSON show; `tag` is the spelling persisted in MLflow's
+    `cmx.status` tag and in the tracking state file (they differ only for SCHEDULER_STOPPED)."""
+
+    COMPLETED = "completed"  # trained every epoch it was given
+    SCHEDULER_STOPPED = "stopped early"  # cut by the sweep's scheduler (ASHA) before max epochs
+    PATIENCE_STOPPED = "early_stopped"  # the trainer stopped itself: no improvement for `patience` epochs
+    DIVERGED = "diverged"  # the loss became non-finite
+    FAILED = "failed"  # raised an error
+    REJECTED = "rejected"  # broke a constraint, never trained
+    INTERRUPTED = "interrupted"  # the run (or the sweep driver) was stopped before it ended
+    PENDING = "pending"  # a sweep trial with no result yet
+
+    @property
+    def tag(self) -> str:
+        """The spelling in MLflow's `cmx.status` tag and the tracking state file (no spaces)."""
+        return self.value.replace(" ", "_")
+
+    @classmethod
+    def from_tag(cls, text: str) -> TrialStatus:
+        """The member whose value or tag is `text`; ValueError for anything else."""
+        for member in cls:
+            if text in (member.value, member.tag):
+                return member
+        raise ValueError(f"not a cmx trial status: {text!r}")
+
+    @property
+    def usable(self) -> bool:
+        """True when the trial's metric values mean something (it trained normally, maybe cut short)."""
+        return self in (TrialStatus.COMPLETED, TrialStatus.SCHEDULER_STOPPED)
+
+    @property
+    def failure(self) -> bool:
+        """True when the trial ended without a usable result: failed, rejected or diverged."""
+        return self in (TrialStatus.FAILED, TrialStatus.REJECTED, TrialStatus.DIVERGED)
+
+    @property
+    def finished(self) -> bool:
+        """True when a sweep trial ended for good: usable or not, but neither pending nor interrupted."""
+        return self.usable or self.failure
+
+
+def better(a: float, b: float | None, mode: str) -> bool:
+    """True when `a` improves on `b` in direction `mode` ("max" or "min"); anything beats None."""
+    return b is None or (a > b if mode == "max" else a < b)
 
 
 def epochs_of(result: dict) -> int:

@@ -12,16 +12,18 @@ import json
 import logging
 import math
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 from ray import tune
 
 from cmx.cluster.ray_compat import checkpoint_manager
 from cmx.core import metrics as M
 from cmx.core.config import dump_yaml
-from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED
+from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED, TrialStatus, better
 from cmx.core.paths import cmx_home
 from cmx.core.search_space import decode_params
 from cmx.core.sweep_spec import SweepSpec, trial_config
@@ -44,6 +46,56 @@ def trial_key(trial_id: str) -> str:
     return f"trial:{trial_id}"
 
 
+# A trial's outcome as the state file holds it: the `cmx.status` tag's spelling ("stopped_early").
+StatusTag = Annotated[
+    TrialStatus,
+    BeforeValidator(lambda v: TrialStatus.from_tag(v) if isinstance(v, str) else v),
+    PlainSerializer(lambda s: s.tag, return_type=str),
+]
+
+
+class BestValue(BaseModel):
+    """A trial's best objective value so far and the epoch it came at."""
+
+    value: float
+    epoch: int
+
+
+class SweepTotals(BaseModel):
+    """Epochs trained by all trials and the best value so far: the sweep run's own curves."""
+
+    epochs: int = 0
+    best: float | None = None
+    best_trial: str | None = None
+
+
+class CallbackState(BaseModel):
+    """What the callback remembers across driver restarts and trial retries.
+
+    Saved in the Tracker's `meta` (in `cmx-mlflow.json`), one key per field, next to the Tracker's
+    own keys (`pending_runs`, `registered`), which it ignores and leaves alone. Version 1 is the
+    layout older sweeps wrote without a `version` key, so their files load unchanged.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int = 1
+    epochs: dict[str, int] = Field(default_factory=dict)  # run key -> last epoch logged
+    best: dict[str, BestValue] = Field(default_factory=dict)  # trial id -> its best value
+    ended: list[str] = Field(default_factory=list)  # run keys ended
+    kept: dict[str, float] = Field(default_factory=dict)  # trial id -> value of its uploaded checkpoint
+    status: dict[str, StatusTag] = Field(default_factory=dict)  # trial id -> outcome
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # trial id -> searched values
+    sweep: SweepTotals = Field(default_factory=SweepTotals)
+    resumes: int = 0  # driver restarts that continued the sweep run
+    retries: dict[str, int] = Field(default_factory=dict)  # run key -> retries of its trial
+    forgotten: list[str] = Field(default_factory=list)  # run keys deleted: trials the restored sweep lost
+
+    def write_to(self, meta: dict[str, Any]) -> None:
+        """Put every field into `meta` as JSON values (the Tracker's `meta_writer`)."""
+        meta.update(self.model_dump(mode="json"))
+
+
 class MLflowTrackingCallback(tune.Callback):
     """A Tune callback on the sweep driver that records the sweep in MLflow."""
 
@@ -55,32 +107,38 @@ class MLflowTrackingCallback(tune.Callback):
         self.experiment_dir = _state_dir(spec, experiment_dir)
         objective = spec.objectives()[0]
         self.metric, self.mode = objective.metric, objective.mode
-        self._tracker: Any = None
+        self._tracker: Tracker | None = None
+        self._state: CallbackState | None = None  # loaded from the tracker's state file with it
         self._checked: set[str] = set()  # runs whose last logged epoch this driver has checked
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; clients and files stay behind.
         state = self.__dict__.copy()
         state["_tracker"] = None
+        state["_state"] = None
         state["_checked"] = set()
         return state
 
     # ---------------------------------------------------------------- helpers
 
     @property
-    def tracker(self) -> Any:
-        if self._tracker is None:
-            tracker = Tracker(self.experiment_dir, self.uri, experiment=self.spec.tracking.experiment or self.spec.name)
-            for key, empty in (("epochs", {}), ("best", {}), ("ended", []), ("kept", {}), ("status", {}),
-                               ("params", {}), ("sweep", {"epochs": 0, "best": None})):  # fmt: skip
-                tracker.meta.setdefault(key, empty)
-            self._tracker = tracker
-            self._start_parent()
-        return self._tracker
+    def tracker(self) -> Tracker:
+        return self._loaded()[0]
 
     @property
-    def meta(self) -> dict[str, Any]:
-        return self.tracker.meta
+    def state(self) -> CallbackState:
+        """What this callback keeps in the state file."""
+        return self._loaded()[1]
+
+    def _loaded(self) -> tuple[Tracker, CallbackState]:
+        """The tracker and this callback's state, read from the state file on first use."""
+        if self._tracker is None or self._state is None:
+            tracker = Tracker(self.experiment_dir, self.uri, experiment=self.spec.tracking.experiment or self.spec.name)
+            self._state = CallbackState.model_validate(tracker.meta)
+            tracker.meta_writer = self._state.write_to  # every save of the state file holds it
+            self._tracker = tracker
+            self._start_parent()
+        return self._tracker, self._state
 
     def _params(self, trial: Any) -> dict[str, Any]:
         """The trial's searched values, decoded (lists and mappings as in the space file)."""
@@ -93,9 +151,6 @@ class MLflowTrackingCallback(tune.Callback):
         cfg = trial_config(self.spec, self._params(trial))
         cfg.loop.epochs = self.spec.max_epochs
         return cfg
-
-    def _better(self, a: float, b: float | None) -> bool:
-        return b is None or (a > b if self.mode == "max" else a < b)
 
     def _guard(self, what: str, fn: Any, *args: Any) -> None:
         """Tracking must never stop a sweep: an unexpected error is logged, the sweep goes on."""
@@ -113,7 +168,7 @@ class MLflowTrackingCallback(tune.Callback):
     # ---------------------------------------------------------------- parent
 
     def _start_parent(self) -> None:
-        t, spec = self._tracker, self.spec
+        t, spec = self.tracker, self.spec
         tags = {
             **P.environment_tags(),
             **P.config_tags(spec.base),
@@ -134,9 +189,8 @@ class MLflowTrackingCallback(tune.Callback):
             data["space"] = spec.model_dump(mode="json")["space"]
             t.log_text(PARENT, yaml.safe_dump(data, sort_keys=False), "sweep-resolved.yaml")
         else:
-            resumes = int(self.meta.get("resumes", 0)) + 1
-            self.meta["resumes"] = resumes
-            t.log(PARENT, tags={"cmx.resumes": str(resumes)})
+            self.state.resumes += 1
+            t.log(PARENT, tags={"cmx.resumes": str(self.state.resumes)})
         t.save()
 
     def setup(self, **info: Any) -> None:
@@ -149,8 +203,8 @@ class MLflowTrackingCallback(tune.Callback):
 
     def _trial_start(self, trial: Any) -> None:
         t, key = self.tracker, trial_key(trial.trial_id)
-        if key in self.meta["ended"]:  # a finished trial restarted (resume_errored): continue its run
-            self.meta["ended"].remove(key)
+        if key in self.state.ended:  # a finished trial restarted (resume_errored): continue its run
+            self.state.ended.remove(key)
         try:
             cfg = self._trial_config(trial)
         except Exception as e:  # noqa: BLE001 - an invalid sampled config: the trial will fail and say why
@@ -171,7 +225,7 @@ class MLflowTrackingCallback(tune.Callback):
         if cfg is not None:
             tags.update(P.config_tags(cfg))
         new = t.start_run(key, name=f"trial_{trial.trial_id}", parent=PARENT, tags=tags)
-        self.meta.setdefault("params", {})[trial.trial_id] = self._params(trial)
+        self.state.params[trial.trial_id] = self._params(trial)
         if new:
             self._checked.add(key)  # created by this driver: nothing sent before it
             params = {f"search.{k}": v for k, v in self._params(trial).items()}
@@ -199,7 +253,7 @@ class MLflowTrackingCallback(tune.Callback):
         epoch = M.epochs_of(result)
         if key not in self._checked:
             self._check_last_epoch(key)
-        last = int(self.meta["epochs"].get(key, 0))
+        last = self.state.epochs.get(key, 0)
         if epoch <= last:
             # Re-reported after a retry from an earlier checkpoint: that epoch is logged already,
             # and a deterministic resume reports the same values.
@@ -211,32 +265,32 @@ class MLflowTrackingCallback(tune.Callback):
         if result.get(NODE_ID):
             tags["cmx.node_id"] = str(result[NODE_ID])
         t.log(key, metrics={k: v for k, v in values.items() if k in M.ALL}, step=epoch, tags=tags)
-        self.meta["epochs"][key] = epoch
+        self.state.epochs[key] = epoch
         with open(self.experiment_dir / HISTORY_FILE, "a") as f:
             f.write(json.dumps({"trial_id": tid, M.EPOCH: epoch, **values}) + "\n")
         value = values.get(self.metric)
         if value is not None:
-            best = self.meta["best"].get(tid)
-            if best is None or self._better(value, best["value"]):
-                self.meta["best"][tid] = {"value": value, "epoch": epoch}
-        sweep = self.meta["sweep"]
-        sweep["epochs"] += 1
-        if value is not None and self._better(value, sweep["best"]):
-            sweep["best"] = value
-            sweep["best_trial"] = tid
-        parent_metrics = {"sweep/epochs_trained": sweep["epochs"]}
-        if sweep["best"] is not None:
-            parent_metrics[f"sweep/best/{self.metric}"] = sweep["best"]
-        t.log(PARENT, metrics=parent_metrics, step=sweep["epochs"])
+            best = self.state.best.get(tid)
+            if best is None or better(value, best.value, self.mode):
+                self.state.best[tid] = BestValue(value=value, epoch=epoch)
+        sweep = self.state.sweep
+        sweep.epochs += 1
+        if value is not None and better(value, sweep.best, self.mode):
+            sweep.best = value
+            sweep.best_trial = tid
+        parent_metrics = {"sweep/epochs_trained": float(sweep.epochs)}
+        if sweep.best is not None:
+            parent_metrics[f"sweep/best/{self.metric}"] = sweep.best
+        t.log(PARENT, metrics=parent_metrics, step=sweep.epochs)
         t.save()
 
     def _check_last_epoch(self, key: str) -> None:
         """A run this driver continues: the last epoch its predecessor sent may have reached MLflow
         after the state file was last saved (a kill in between); never log that epoch twice."""
         logged = self.tracker.last_logged_step(key, M.EPOCH_SECONDS)
-        if logged is not None and logged > int(self.meta["epochs"].get(key, 0)):
+        if logged is not None and logged > self.state.epochs.get(key, 0):
             log.info("MLflow run %s already holds epoch %d: continuing after it", key, logged)
-            self.meta["epochs"][key] = logged
+            self.state.epochs[key] = logged
         self._checked.add(key)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -248,8 +302,8 @@ class MLflowTrackingCallback(tune.Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         def recover() -> None:
             key = trial_key(trial.trial_id)
-            retries = self.meta.setdefault("retries", {})
-            retries[key] = int(retries.get(key, 0)) + 1
+            retries = self.state.retries
+            retries[key] = retries.get(key, 0) + 1
             self.tracker.log(
                 key,
                 tags={
@@ -266,19 +320,19 @@ class MLflowTrackingCallback(tune.Callback):
         if not t.has_run(key):
             self._trial_start(trial)
         last = dict(trial.last_result or {})
-        status = trial_status(self.spec, last, error).replace(" ", "_")
-        best = self.meta["best"].get(tid)
-        tags = {"cmx.epochs": str(self.meta["epochs"].get(key, 0))}
+        status = trial_status(self.spec, last, error)
+        best = self.state.best.get(tid)
+        tags = {"cmx.epochs": str(self.state.epochs.get(key, 0))}
         if error:
             tags["cmx.error"] = error[:500]
-        if best is not None and status in ("completed", "stopped_early"):
-            t.log(key, metrics={f"best/{self.metric}": best["value"]}, step=best["epoch"])
-            tags["cmx.best_epoch"] = str(best["epoch"])
-            self._keep_checkpoint(trial, best["value"])
+        if best is not None and status.usable:
+            t.log(key, metrics={f"best/{self.metric}": best.value}, step=best.epoch)
+            tags["cmx.best_epoch"] = str(best.epoch)
+            self._keep_checkpoint(trial, best.value)
         t.end_run(key, status, tags=tags)
-        if key not in self.meta["ended"]:
-            self.meta["ended"].append(key)
-        self.meta.setdefault("status", {})[tid] = status
+        if key not in self.state.ended:
+            self.state.ended.append(key)
+        self.state.status[tid] = status
         t.save()
 
     # ---------------------------------------------------------------- checkpoints
@@ -286,7 +340,7 @@ class MLflowTrackingCallback(tune.Callback):
     def _keep_checkpoint(self, trial: Any, value: float) -> None:
         """Upload the trial's best checkpoint while it is among the best k; prune the one it displaces."""
         k = self.spec.tracking.keep_best_checkpoints
-        t, kept, tid = self.tracker, self.meta["kept"], trial.trial_id
+        t, kept, tid = self.tracker, self.state.kept, trial.trial_id
         if k <= 0:
             return
         ranking = sorted({**kept, tid: value}.items(), key=lambda kv: kv[1], reverse=self.mode == "max")
@@ -318,24 +372,24 @@ class MLflowTrackingCallback(tune.Callback):
         interrupted = any(tr.status not in (Trial.TERMINATED, Trial.ERROR) for tr in trials)
         for tr in trials:
             key = trial_key(tr.trial_id)
-            if t.has_run(key) and key not in self.meta["ended"]:
-                t.end_run(key, "interrupted")
-                self.meta["ended"].append(key)
+            if t.has_run(key) and key not in self.state.ended:
+                t.end_run(key, TrialStatus.INTERRUPTED)
+                self.state.ended.append(key)
         self._drop_forgotten_trials(trials)
         self._guard("plotting the sweep", self._plots)
-        statuses = self.meta.get("status", {})
+        statuses = self.state.status
         best_tid = self._best_trial_id()
         tags = {
             "cmx.trials": str(len(trials)),
-            **{f"cmx.trials.{s}": str(n) for s, n in _count(statuses.values()).items()},
+            **{f"cmx.trials.{s.tag}": str(n) for s, n in _count(statuses.values()).items()},
         }
         if best_tid is not None:
-            best = self.meta["best"][best_tid]
-            tags.update({"cmx.best_trial": best_tid, "cmx.best_value": f"{best['value']:.6g}"})
+            best = self.state.best[best_tid]
+            tags.update({"cmx.best_trial": best_tid, "cmx.best_value": f"{best.value:.6g}"})
             t.log(
                 PARENT,
-                metrics={f"best/{self.metric}": best["value"]},
-                step=self.meta["sweep"]["epochs"],
+                metrics={f"best/{self.metric}": best.value},
+                step=self.state.sweep.epochs,
             )
         t.log(PARENT, tags=tags)
         if not interrupted and best_tid is not None:
@@ -343,11 +397,11 @@ class MLflowTrackingCallback(tune.Callback):
             if trial is not None:
                 self._guard("registering the best model", self._register, trial)
         if interrupted:
-            status = "interrupted"
-        elif statuses and all(s in ("failed", "rejected", "diverged") for s in statuses.values()):
-            status = "failed"
+            status = TrialStatus.INTERRUPTED
+        elif statuses and all(s.failure for s in statuses.values()):
+            status = TrialStatus.FAILED
         else:
-            status = "completed"
+            status = TrialStatus.COMPLETED
         t.end_run(PARENT, status)
         t.save()
         if not t.flush(force=True):
@@ -362,23 +416,19 @@ class MLflowTrackingCallback(tune.Callback):
         (seen with a SIGKILLed driver), so its old run would be a duplicate."""
         known = {trial_key(tr.trial_id) for tr in trials}
         for key in [k for k in self.tracker.state["runs"] if k.startswith("trial:") and k not in known]:
-            if key in self.meta.setdefault("forgotten", []):
+            if key in self.state.forgotten:
                 continue
-            if key not in self.meta["ended"]:
-                self.tracker.end_run(key, "interrupted", tags={"cmx.forgotten": "not in the restored sweep"})
-                self.meta["ended"].append(key)
+            if key not in self.state.ended:
+                self.tracker.end_run(key, TrialStatus.INTERRUPTED, tags={"cmx.forgotten": "not in the restored sweep"})
+                self.state.ended.append(key)
             self.tracker.delete_run(key)
-            self.meta["forgotten"].append(key)
-            self.meta["status"].pop(key.removeprefix("trial:"), None)
-            self.meta["best"].pop(key.removeprefix("trial:"), None)
+            self.state.forgotten.append(key)
+            self.state.status.pop(key.removeprefix("trial:"), None)
+            self.state.best.pop(key.removeprefix("trial:"), None)
 
     def _best_trial_id(self) -> str | None:
-        statuses = self.meta.get("status", {})
-        usable = [
-            (tid, b["value"])
-            for tid, b in self.meta["best"].items()
-            if statuses.get(tid) in ("completed", "stopped_early")
-        ]
+        statuses = self.state.status
+        usable = [(tid, b.value) for tid, b in self.state.best.items() if tid in statuses and statuses[tid].usable]
         if not usable:
             return None
         return (max if self.mode == "max" else min)(usable, key=lambda kv: kv[1])[0]
@@ -394,16 +444,16 @@ class MLflowTrackingCallback(tune.Callback):
                 except json.JSONDecodeError:
                     continue
                 history.setdefault(row.pop("trial_id"), []).append(row)
-        params = self.meta.setdefault("params", {})
+        params = self.state.params
         r = self.spec.resources
         gpus = r.gpus if r.workers == 1 else r.gpus_per_worker * r.workers
         summaries = []
-        for tid, status in self.meta.get("status", {}).items():
-            best = self.meta["best"].get(tid)
+        for tid, status in self.state.status.items():
+            best = self.state.best.get(tid)
             summaries.append(TrialSummary(
                 trial_id=tid, status=status, params=params.get(tid, {}),
                 history=sorted(history.get(tid, []), key=lambda row: row[M.EPOCH]),
-                best=best["value"] if best else None, gpus=gpus,
+                best=best.value if best else None, gpus=gpus,
             ))  # fmt: skip
         out = self.experiment_dir / "cmx-mlflow-plots"
         for png in sweep_plots(self.spec, summaries, out):
@@ -411,7 +461,7 @@ class MLflowTrackingCallback(tune.Callback):
 
     def _register(self, trial: Any) -> None:
 
-        best, key = self.meta["best"][trial.trial_id], trial_key(trial.trial_id)
+        best, key = self.state.best[trial.trial_id], trial_key(trial.trial_id)
         with _checkpoint_dir(trial) as ckpt:
             if ckpt is None:
                 log.warning("MLflow: trial %s left no checkpoint; no model registered", trial.trial_id)
@@ -427,12 +477,12 @@ class MLflowTrackingCallback(tune.Callback):
                 T.TAG_SWEEP: str(self.spec.name),
                 T.TAG_TRIAL: trial.trial_id,
                 "cmx.metric": self.metric,
-                "cmx.value": f"{best['value']:.6g}",
-                "cmx.epoch": str(best["epoch"]),
+                "cmx.value": f"{best.value:.6g}",
+                "cmx.epoch": str(best.epoch),
             },
             description=(
-                f"Best trial {trial.trial_id} of sweep {self.spec.name}: {self.metric}={best['value']:.4f} "
-                f"at epoch {best['epoch']}. Input: float32 NCHW normalised with the config's mean/std."
+                f"Best trial {trial.trial_id} of sweep {self.spec.name}: {self.metric}={best.value:.4f} "
+                f"at epoch {best.epoch}. Input: float32 NCHW normalised with the config's mean/std."
             ),
         )
 
@@ -454,8 +504,8 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def _count(values: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _count(values: Iterable[TrialStatus]) -> dict[TrialStatus, int]:
+    out: dict[TrialStatus, int] = {}
     for v in values:
         out[v] = out.get(v, 0) + 1
     return out

@@ -9,7 +9,7 @@ from ray import tune
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from cmx.core.metrics import epochs_of
+from cmx.core.metrics import DIVERGED, REJECTED, TrialStatus, better, epochs_of
 
 
 class RichSweepProgress(tune.Callback):
@@ -54,10 +54,8 @@ class RichSweepProgress(tune.Callback):
     def _refresh(self) -> None:
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "best —"
         waiting = f"waiting {self.waiting} · " if self.waiting else ""
-        text = (
-            f"running {len(self.running)} · {waiting}done {self.done} · stopped early {self.stopped} · "
-            f"failed {self.failed} · {best}"
-        )
+        stopped = f"{TrialStatus.SCHEDULER_STOPPED} {self.stopped}"  # "stopped early N", as the tables say
+        text = f"running {len(self.running)} · {waiting}done {self.done} · {stopped} · failed {self.failed} · {best}"
         self._live().update(self.task, description=text, completed=self.done + self.stopped + self.failed)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -66,10 +64,13 @@ class RichSweepProgress(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and not result.get("trial/rejected") and not result.get("trial/diverged"):
-            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
-            if better:
-                self.best = (float(value), trial.trial_id)
+        trained = not result.get(REJECTED) and not result.get(DIVERGED)
+        if (
+            trained
+            and isinstance(value, (int, float))
+            and better(value, self.best[0] if self.best else None, self.mode)
+        ):
+            self.best = (float(value), trial.trial_id)
         self._refresh()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:

@@ -15,12 +15,50 @@ import yaml
 
 from cmx.core import metrics
 from cmx.core.errors import ConfigError
-from cmx.core.metrics import DIVERGED, REJECTED
+from cmx.core.metrics import DIVERGED, REJECTED, TrialStatus, better
 from cmx.core.paths import sweeps_dir
 from cmx.core.search_space import decode_params, grid_size
 from cmx.core.sweep_spec import SweepSpec, trial_config
 from cmx.core.uris import is_uri
 from cmx.sweep.storage import BEST_CONFIG_FILE, SPEC_FILE
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial of a finished (or interrupted) sweep, as the outcome table shows it."""
+
+    trial_id: str
+    status: TrialStatus
+    epochs: int  # the trainer's epochs finished
+    params: dict[str, Any]  # searched keys -> decoded values
+    metrics: dict[str, Any]  # the last reported "group/name" metrics
+    path: str  # the trial's folder
+    error: str | None  # first line of its error, if it failed
+    best: float | None  # best value of the first objective over its epochs
+
+
+@dataclass(frozen=True)
+class TrialProgress:
+    """One trial as the sweep folder shows it (`cmx sweep status`, no Ray start)."""
+
+    trial_id: str
+    status: TrialStatus
+    epochs: int
+    best: float | None
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    """A sweep folder's trials, counts per status and best trial so far."""
+
+    name: str | None
+    path: str
+    metric: str  # the first objective
+    num_samples: int  # trials the sweep runs in all
+    trials: list[TrialProgress]
+    counts: dict[TrialStatus, int]
+    best: TrialProgress | None
+    complete: bool  # every expected trial ended for good
 
 
 @dataclass
@@ -29,28 +67,31 @@ class SweepOutcome:
 
     name: str
     path: str
-    trials: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] | None = None
+    trials: list[TrialRow] = field(default_factory=list)
+    best: TrialRow | None = None
     best_config_path: Path | None = None
     best_checkpoint: str | None = None
-    pareto: list[dict[str, Any]] = field(default_factory=list)
+    pareto: list[TrialRow] = field(default_factory=list)
     interrupted: bool = False
     resumed: bool = False
 
     @property
     def all_failed(self) -> bool:
         """True when no trial produced a usable result."""
-        return bool(self.trials) and all(t["status"] in ("failed", "rejected", "diverged") for t in self.trials)
+        return bool(self.trials) and all(t.status.failure for t in self.trials)
 
 
-def trial_status(spec: SweepSpec, metrics_: dict[str, Any], error: Any) -> str:
+def trial_status(spec: SweepSpec, metrics_: dict[str, Any], error: Any) -> TrialStatus:
+    """A trial's outcome from its last reported result and its error (None when it had none)."""
     if error is not None:
-        return "failed"
+        return TrialStatus.FAILED
     if metrics_.get(REJECTED):
-        return "rejected"
+        return TrialStatus.REJECTED
     if metrics_.get(DIVERGED):
-        return "diverged"
-    return "completed" if metrics.epochs_of(metrics_) >= spec.max_epochs else "stopped early"
+        return TrialStatus.DIVERGED
+    if metrics.epochs_of(metrics_) >= spec.max_epochs:
+        return TrialStatus.COMPLETED
+    return TrialStatus.SCHEDULER_STOPPED
 
 
 def summarise(spec: SweepSpec, grid: Any, path: str) -> SweepOutcome:
@@ -58,39 +99,38 @@ def summarise(spec: SweepSpec, grid: Any, path: str) -> SweepOutcome:
 
     objective = spec.objectives()[0]
     outcome = SweepOutcome(name=spec.name or "sweep", path=path)
-    best_row, best_result = None, None
+    best_row: TrialRow | None = None
+    best_result: Any = None
     for result in grid:
         m = dict(result.metrics or {})
         config = result.config or {}
-        params = decode_params(spec, {k: v for k, v in config.items() if k in spec.space})
-        row = {
-            "trial_id": m.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_"),
-            "status": trial_status(spec, m, result.error),
-            "epochs": metrics.epochs_of(m),
-            "params": params,
-            "metrics": {k: v for k, v in m.items() if "/" in k},
-            "path": str(result.path),
-            "error": str(result.error).splitlines()[0] if result.error else None,
-        }
+        row = TrialRow(
+            trial_id=m.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_"),
+            status=trial_status(spec, m, result.error),
+            epochs=metrics.epochs_of(m),
+            params=decode_params(spec, {k: v for k, v in config.items() if k in spec.space}),
+            metrics={k: v for k, v in m.items() if "/" in k},
+            path=str(result.path),
+            error=str(result.error).splitlines()[0] if result.error else None,
+            best=_best_of_trial(result, objective.metric, objective.mode),
+        )
         outcome.trials.append(row)
-        value = _best_of_trial(result, objective.metric, objective.mode)
-        row["best"] = value
         if (
-            row["status"] in ("completed", "stopped early")
-            and value is not None
-            and (best_row is None or _better(value, best_row["best"], objective.mode))
+            row.status.usable
+            and row.best is not None
+            and (best_row is None or better(row.best, best_row.best, objective.mode))
         ):
             best_row, best_result = row, result
     outcome.trials.sort(key=lambda r: _sort_key(r, objective.mode))
     if best_row is not None:
         outcome.best = best_row
-        cfg = trial_config(spec, best_row["params"])
+        cfg = trial_config(spec, best_row.params)
         cfg.loop.epochs = spec.max_epochs
         if not is_uri(path):
             outcome.best_config_path = Path(path) / BEST_CONFIG_FILE
             outcome.best_config_path.write_text(
-                f"# Best trial {best_row['trial_id']} of sweep {spec.name}: "
-                f"{objective.metric}={best_row['best']:.4f}\n# Run it: cmx train --config {outcome.best_config_path}\n"
+                f"# Best trial {best_row.trial_id} of sweep {spec.name}: "
+                f"{objective.metric}={best_row.best:.4f}\n# Run it: cmx train --config {outcome.best_config_path}\n"
                 + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
             )
         best_ckpts = getattr(best_result, "best_checkpoints", None) or []
@@ -118,25 +158,21 @@ def _best_of_trial(result: Any, metric: str, mode: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _better(a: float, b: float, mode: str) -> bool:
-    return a > b if mode == "max" else a < b
+def _sort_key(row: TrialRow, mode: str) -> tuple[int, float]:
+    if not row.status.usable or row.best is None:
+        return (1, 0.0)
+    return (0, -row.best if mode == "max" else row.best)
 
 
-def _sort_key(row: dict[str, Any], mode: str) -> tuple[int, float]:
-    usable = row["status"] in ("completed", "stopped early") and row["best"] is not None
-    value = row["best"] if usable else 0.0
-    return (0 if usable else 1, -value if mode == "max" else value)
-
-
-def pareto_front(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def pareto_front(spec: SweepSpec, rows: list[TrialRow]) -> list[TrialRow]:
     """Non-dominated trials over all objectives (final reported values)."""
     objs = spec.objectives()
-    usable = [r for r in rows if r["status"] in ("completed", "stopped early")]
+    usable = [r for r in rows if r.status.usable]
 
-    def vec(r: dict[str, Any]) -> list[float]:
-        return [r["metrics"].get(o.metric, math.nan) * (1 if o.mode == "max" else -1) for o in objs]
+    def vec(r: TrialRow) -> list[float]:
+        return [r.metrics.get(o.metric, math.nan) * (1 if o.mode == "max" else -1) for o in objs]
 
-    front = []
+    front: list[TrialRow] = []
     for r in usable:
         v = vec(r)
         dominated = any(
@@ -149,7 +185,7 @@ def pareto_front(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, 
     return front
 
 
-def list_sweeps(root: str | None = None) -> list[dict[str, Any]]:
+def list_sweeps(root: str | None = None) -> list[SweepStatus]:
     """Sweeps under the storage root, newest first, read from disk (no Ray start)."""
     base = Path(root or sweeps_dir())
     out = []
@@ -158,7 +194,7 @@ def list_sweeps(root: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def sweep_status(path: str | Path) -> dict[str, Any]:
+def sweep_status(path: str | Path) -> SweepStatus:
     """Trial counts and best result of a sweep directory, from Tune's saved state."""
     path = Path(path)
     if not (path / SPEC_FILE).exists():
@@ -169,36 +205,31 @@ def sweep_status(path: str | Path) -> dict[str, Any]:
     for trial_dir in sorted(path.glob("trial_*")):
         rows = _read_results(trial_dir / "result.json")
         last = rows[-1] if rows else {}
-        values = [r[objective.metric] for r in rows if isinstance(r.get(objective.metric), (int, float))]
-        best = (max(values) if objective.mode == "max" else min(values)) if values else None
+        values = [float(r[objective.metric]) for r in rows if isinstance(r.get(objective.metric), (int, float))]
         error = (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists()
-        status = trial_status(spec, last, "error" if error else None) if rows or error else "pending"
         trials.append(
-            {
-                "trial_id": trial_dir.name.removeprefix("trial_"),
-                "status": status,
-                "epochs": metrics.epochs_of(last),
-                "best": best,
-            }
+            TrialProgress(
+                trial_id=trial_dir.name.removeprefix("trial_"),
+                status=trial_status(spec, last, "error" if error else None) if rows or error else TrialStatus.PENDING,
+                epochs=metrics.epochs_of(last),
+                best=(max(values) if objective.mode == "max" else min(values)) if values else None,
+            )
         )
-    counts: dict[str, int] = {}
+    counts: dict[TrialStatus, int] = {}
     for t in trials:
-        counts[t["status"]] = counts.get(t["status"], 0) + 1
-    done = [t for t in trials if t["best"] is not None and t["status"] in ("completed", "stopped early")]
-    best = None
-    if done:
-        best = (max if objective.mode == "max" else min)(done, key=lambda t: t["best"])
-    return {
-        "name": spec.name,
-        "path": str(path),
-        "metric": objective.metric,
-        "num_samples": expected_trials(spec),
-        "trials": trials,
-        "counts": counts,
-        "best": best,
-        "complete": sum(counts.get(s, 0) for s in ("completed", "stopped early", "failed", "rejected", "diverged"))
-        >= expected_trials(spec),
-    }
+        counts[t.status] = counts.get(t.status, 0) + 1
+    done = [(t, t.best) for t in trials if t.best is not None and t.status.usable]
+    best = (max if objective.mode == "max" else min)(done, key=lambda tb: tb[1])[0] if done else None
+    return SweepStatus(
+        name=spec.name,
+        path=str(path),
+        metric=objective.metric,
+        num_samples=expected_trials(spec),
+        trials=trials,
+        counts=counts,
+        best=best,
+        complete=sum(n for s, n in counts.items() if s.finished) >= expected_trials(spec),
+    )
 
 
 def expected_trials(spec: SweepSpec) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 from cmx.cluster.data_parallel import run_data_parallel
 from cmx.core import metrics
 from cmx.core.constraints import violated
-from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED
+from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED, TrialStatus
 from cmx.core.search_space import decode_params
 from cmx.core.sweep_spec import SweepSpec, trial_config
 from cmx.models import count_flops, count_params, create_model
@@ -71,7 +71,7 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
             tune.report({**r.metrics, **extra, metrics.EPOCH: r.epoch}, checkpoint=ckpt)
 
         result = train(cfg, run_dir, reporter=report, resume_from=resume_from, progress=False)
-    if result.status == "diverged":
+    if result.status == TrialStatus.DIVERGED:
         tune.report({**_worst(spec), **extra, DIVERGED: 1.0, metrics.EPOCH: result.epochs_completed + 1})
 
 

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmx.core.metrics import EPOCH_SECONDS, MODES
+from cmx.core.metrics import EPOCH_SECONDS, MODES, TrialStatus
 from cmx.core.search_space import encode_params, optuna_space
 from cmx.core.sweep_spec import FloatDist, IntDist, LogUniformDist
 
 log = logging.getLogger("cmx.tracking")
-
-USABLE = ("completed", "stopped_early")  # trials whose values mean something
 
 
 @dataclass
@@ -27,7 +25,7 @@ class TrialSummary:
     """What the plots need from one trial."""
 
     trial_id: str
-    status: str
+    status: TrialStatus
     params: dict[str, Any]  # searched keys -> decoded values
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch, with "epoch"
     best: float | None = None
@@ -87,7 +85,7 @@ def _mode_of(metric: str) -> str:
 
 
 def _best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
-    scored = [t for t in trials if t.best is not None and t.status in USABLE]
+    scored = [t for t in trials if t.best is not None and t.status.usable]
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda t: t.best)  # type: ignore[arg-type, return-value]
@@ -116,7 +114,7 @@ def parallel_coordinates(
 ) -> Path:
     """One line per trial through every searched value and the objective, coloured by it."""
     plt = _pyplot()
-    scored = [t for t in trials if t.best is not None and t.status in USABLE]
+    scored = [t for t in trials if t.best is not None and t.status.usable]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * (len(keys) + 1)), 4.5))
     if not scored:
         ax.text(0.5, 0.5, "no finished trials", ha="center")
@@ -160,7 +158,7 @@ def param_importances(spec: Any, trials: list[TrialSummary], path: Path) -> Path
 
     objective = spec.objectives()[0]
     dists = optuna_space(spec)
-    scored = [t for t in trials if t.best is not None and t.status in USABLE]
+    scored = [t for t in trials if t.best is not None and t.status.usable]
     if len(scored) < 2 or len({t.best for t in scored}) < 2:
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -197,14 +195,14 @@ def param_importances(spec: Any, trials: list[TrialSummary], path: Path) -> Path
 def accuracy_vs_cost(trials: list[TrialSummary], metric: str, path: Path, seconds_key: str) -> Path:
     """Best `metric` of each trial against what it cost: GPU-hours when trials held GPUs, else epochs."""
     plt = _pyplot()
-    scored = [t for t in trials if t.best is not None and t.status in USABLE]
+    scored = [t for t in trials if t.best is not None and t.status.usable]
     gpu = any(t.gpus > 0 for t in scored)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for status, colour in (("completed", "tab:green"), ("stopped_early", "tab:orange")):
+    for status, colour in ((TrialStatus.COMPLETED, "tab:green"), (TrialStatus.SCHEDULER_STOPPED, "tab:orange")):
         group = [t for t in scored if t.status == status]
         if group:
             xs = [t.gpu_hours(seconds_key) if gpu else t.epochs for t in group]
-            ax.scatter(xs, [t.best for t in group], c=colour, label=status.replace("_", " "), alpha=0.8)
+            ax.scatter(xs, [t.best for t in group], c=colour, label=str(status), alpha=0.8)
     ax.set_xlabel("GPU-hours" if gpu else "epochs trained")
     ax.set_ylabel(f"best {metric}")
     ax.grid(alpha=0.3)

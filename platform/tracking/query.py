@@ -122,7 +122,8 @@ def best_trial(uri: str | None, sweep: str | None) -> tuple[RunRow, RunRow]:
     parent, trials = sweep_trials(uri, sweep)
     metric, mode = objective_of(parent)
     key = f"best/{metric}"
-    usable = [t for t in trials if key in t.metrics and t.cmx_status in ("completed", "stopped_early")]
+    usable_tags = {s.tag for s in M.TrialStatus if s.usable}  # `cmx_status` is the tag's spelling
+    usable = [t for t in trials if key in t.metrics and t.cmx_status in usable_tags]
     if not usable:
         raise TrackingError(f"sweep {parent.tags.get(TAG_SWEEP)!r} has no finished trial with {key}")
     pick = max if mode == "max" else min

@@ -15,12 +15,13 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from cmx.core.errors import TrackingError
 from cmx.core.files import atomic_write_text
+from cmx.core.metrics import TrialStatus
 from cmx.tracking.store import (
     PARENT_TAG,
     TAG_RUN_KEY,
@@ -42,13 +43,13 @@ STAGING_DIR = "cmx-mlflow-staging"  # copies of journaled artifacts (their sourc
 # cmx status -> MLflow run status. MLflow has only FINISHED/FAILED/KILLED for ended runs, so the
 # `cmx.status` tag tells diverged from failed and scheduler stops from interruptions.
 RUN_STATUS = {
-    "completed": "FINISHED",
-    "early_stopped": "FINISHED",  # the trainer's own patience rule: a normal end
-    "stopped_early": "KILLED",  # stopped by the sweep's scheduler (ASHA)
-    "rejected": "KILLED",  # broke a constraint, never trained
-    "interrupted": "KILLED",
-    "diverged": "FAILED",
-    "failed": "FAILED",
+    TrialStatus.COMPLETED: "FINISHED",
+    TrialStatus.PATIENCE_STOPPED: "FINISHED",  # the trainer's own patience rule: a normal end
+    TrialStatus.SCHEDULER_STOPPED: "KILLED",  # stopped by the sweep's scheduler (ASHA)
+    TrialStatus.REJECTED: "KILLED",  # broke a constraint, never trained
+    TrialStatus.INTERRUPTED: "KILLED",
+    TrialStatus.DIVERGED: "FAILED",
+    TrialStatus.FAILED: "FAILED",
 }
 OFFLINE_BACKOFF_S = (2.0, 60.0)  # first and longest wait before trying an unreachable store again
 MAX_ATTEMPTS_WHILE_HEALTHY = 3  # a call that keeps failing while the server answers is refused
@@ -115,6 +116,10 @@ class Tracker:
         self._offline_until = 0.0
         self._backoff = OFFLINE_BACKOFF_S[0]
         self._warned_offline = False
+        # A caller keeping its part of `meta` in a typed object sets this to write that part back;
+        # every save calls it first, so a save inside a Tracker call (a run created, a model
+        # registered) also holds the caller's latest state, as a plain dict in `meta` would.
+        self.meta_writer: Callable[[dict[str, Any]], None] | None = None
         self.save()
 
     # ---------------------------------------------------------------- state
@@ -131,6 +136,9 @@ class Tracker:
         return self.state["meta"]
 
     def save(self) -> None:
+        """Write the state file (after `meta_writer`, if set, updated `meta`)."""
+        if self.meta_writer is not None:
+            self.meta_writer(self.meta)
         atomic_write_text(self.state_file, json.dumps(self.state, indent=1, sort_keys=True))
 
     def run_id(self, key: str) -> str | None:
@@ -211,11 +219,11 @@ class Tracker:
             "tags": {k: str(v) for k, v in (tags or {}).items()},
         })  # fmt: skip
 
-    def end_run(self, key: str, status: str, *, tags: Mapping[str, str] | None = None) -> None:
+    def end_run(self, key: str, status: TrialStatus, *, tags: Mapping[str, str] | None = None) -> None:
         """End a run with a cmx status (see RUN_STATUS); the tag `cmx.status` keeps the detail."""
         self._submit({
             "op": "end", "key": key, "status": RUN_STATUS.get(status, "FAILED"),
-            "tags": {TAG_STATUS: status, **(tags or {})}, "ts": _now_ms(),
+            "tags": {TAG_STATUS: status.tag, **(tags or {})}, "ts": _now_ms(),
         })  # fmt: skip
 
     def log_artifact(self, key: str, local: str | Path, artifact_path: str | None = None) -> None:

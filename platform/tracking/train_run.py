@@ -75,10 +75,10 @@ def train_run(config: TrainConfig, run_dir: Path, *, uri: str | None = None) -> 
     try:
         yield reporter
     except KeyboardInterrupt:
-        tracker.end_run(key, "interrupted")
+        tracker.end_run(key, M.TrialStatus.INTERRUPTED)
         raise
     except BaseException as e:
-        tracker.end_run(key, "failed", tags={"cmx.error": short(f"{type(e).__name__}: {e}", 500)})
+        tracker.end_run(key, M.TrialStatus.FAILED, tags={"cmx.error": short(f"{type(e).__name__}: {e}", 500)})
         raise
     else:
         _finish(reporter, run_dir)
@@ -104,7 +104,8 @@ def _finish(reporter: TrainReporter, run_dir: Path) -> None:
     for row in read_metrics(run_dir):
         reporter.log_epoch(int(row[M.EPOCH]), row)
     result = read_result(run_dir)
-    status = result.status if result and result.status in ("completed", "early_stopped", "diverged") else "failed"
+    ends = (M.TrialStatus.COMPLETED, M.TrialStatus.PATIENCE_STOPPED, M.TrialStatus.DIVERGED)  # the trainer's own
+    status = result.status if result and result.status in ends else M.TrialStatus.FAILED
     tags = {"cmx.message": short(result.message, 500)} if result else {}
     if result and result.best_checkpoint:
         tracker.log_artifact(key, result.best_checkpoint, "checkpoint")
