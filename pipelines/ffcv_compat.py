@@ -123,6 +123,8 @@ def guarded_epoch_iterator_class() -> type:
         """FFCV's epoch thread with errors reported, no torch thread changes, and a clean stop."""
 
         error: BaseException | None = None
+        current_batch_slot: int  # FFCV's own attributes, declared for the type checker
+        closed: bool
 
         def _put(self, item: Any) -> bool:
             while not self.terminate_event.is_set():
@@ -140,7 +142,9 @@ def guarded_epoch_iterator_class() -> type:
             slots = self.loader.batches_ahead + 2
             try:
                 # FFCV calls Compiler.set_num_threads here, which also sets torch's thread count.
-                numba.set_num_threads(max(1, min(self.loader.num_workers, numba.config.NUMBA_NUM_THREADS)))
+                # numba.config's settings are set at import time: its type stub has no attributes.
+                max_threads = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+                numba.set_num_threads(max(1, min(self.loader.num_workers, max_threads)))
                 for b_ix, ixes in enumerate(self.iter_ixes):
                     slot = self.current_batch_slot
                     self.current_batch_slot = (slot + 1) % slots
@@ -232,7 +236,7 @@ def watched_writer_class() -> type:
         stall_timeout: float = 600.0
         on_progress: Callable[[int], None] = staticmethod(lambda n: None)
 
-        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):  # type: ignore[override]
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
             ctx = mp.get_context("fork")  # FFCV passes shared memory and an allocator by inheritance
             self.num_samples = num_samples
             self.prepare()

@@ -18,18 +18,11 @@ from typing import Any
 
 import click
 
+from cmx.cli.options import tracking_uri_option
 from cmx.core import metrics as M
 from cmx.core.errors import TrackingError
 from cmx.core.net import is_listening
 from cmx.core.uris import is_uri
-
-tracking_uri_option = click.option(
-    "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
-    metavar="URI",
-    help="MLflow store: http(s)://server, sqlite:///file.db or a database URI "
-    "[default: sqlite under $CMX_HOME/mlflow].",
-)
 
 
 @click.group()
@@ -53,7 +46,7 @@ def _when(ms: int) -> str:
 
 @runs.command("list")
 @click.option("--sweep", metavar="NAME", help="Show the trials of this sweep (its newest run).")
-@tracking_uri_option
+@tracking_uri_option()
 def list_command(sweep: str | None, tracking_uri: str | None) -> None:
     """Sweeps and training runs, or one sweep's trials."""
     from rich.table import Table
@@ -113,7 +106,7 @@ def list_command(sweep: str | None, tracking_uri: str | None) -> None:
     "--download", "download", type=click.Path(path_type=Path), metavar="DIR",
     help="Also download the trial's checkpoint, config and model here.",
 )  # fmt: skip
-@tracking_uri_option
+@tracking_uri_option()
 def best_command(sweep: str | None, download: Path | None, tracking_uri: str | None) -> None:
     """The best trial of a sweep: its score, config and registered model."""
     from cmx.tracking import query as Q
@@ -142,7 +135,7 @@ def best_command(sweep: str | None, download: Path | None, tracking_uri: str | N
 @runs.command("compare")
 @click.argument("run_refs", nargs=-1, required=True, metavar="RUN...")
 @click.option("--all", "show_all", is_flag=True, help="Also show params that are the same in every run.")
-@tracking_uri_option
+@tracking_uri_option()
 def compare_command(run_refs: tuple[str, ...], show_all: bool, tracking_uri: str | None) -> None:
     """Params and final metrics of runs (ids or names) side by side; differences highlighted."""
     from rich.table import Table
@@ -182,7 +175,7 @@ def compare_command(run_refs: tuple[str, ...], show_all: bool, tracking_uri: str
 
 @runs.command("replay")
 @click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False), metavar="DIR")
-@tracking_uri_option
+@tracking_uri_option()
 def replay_command(directory: Path, tracking_uri: str | None) -> None:
     """Deliver MLflow calls journaled while the server was unreachable (sweep or run directory)."""
     from cmx.tracking.tracker import replay
@@ -213,7 +206,7 @@ def _serve(cmd: list[str], env: dict[str, str], url: str, what: str) -> None:
 
 
 @click.command("ui")
-@tracking_uri_option
+@tracking_uri_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option("--port", type=int, default=5000, show_default=True, envvar="CMX_UI_PORT")
 def ui(tracking_uri: str | None, host: str, port: int) -> None:

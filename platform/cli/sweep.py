@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from cmx.cli.options import address_option, set_option, tracking_uri_option
 from cmx.cluster.runtime import local_capacity
 from cmx.core.constraints import violated
 from cmx.core.errors import ConfigError
@@ -29,30 +30,18 @@ from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, experiment_path, read_text
     metavar="FILE",
     help="Search-space YAML (see docs/search-space.md).",
 )
-@click.option(
-    "--address",
-    envvar="RAY_ADDRESS",
-    metavar="auto|HOST:PORT",
-    help="Join a running Ray cluster instead of starting a local one.",
-)
+@address_option("Join a running Ray cluster instead of starting a local one.")
 @click.option("--name", help="Sweep name (default: the file's `name:` or its stem).")
 @click.option("--resume", "resume_name", metavar="NAME", help="Continue an interrupted sweep by name.")
 @click.option("--fresh", is_flag=True, help="Discard an existing sweep of the same name and start over.")
 @click.option("--storage", metavar="PATH", help="Override storage.path (local, NFS or s3://).")
 @click.option("--samples", type=int, metavar="N", help="Override search.num_samples.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override any key of the file, e.g. --set base.loop.epochs=2.",
-)
+@set_option("Override any key of the file, e.g. --set base.loop.epochs=2.")
 @click.option("--dry-run", is_flag=True, help="Validate, show the plan and sample configs; start nothing.")
-@click.option(
-    "--tracking-uri",
-    metavar="URI",
-    help="MLflow store (http://server, sqlite:///file.db) [default: the file's tracking.uri, else "
+@tracking_uri_option(
+    "MLflow store (http://server, sqlite:///file.db) [default: the file's tracking.uri, else "
     "$MLFLOW_TRACKING_URI, else sqlite under $CMX_HOME/mlflow].",
+    from_env=False,
 )
 @click.pass_context
 def sweep(

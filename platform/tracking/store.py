@@ -1,13 +1,12 @@
-"""Which MLflow store cmx talks to, whether it answers, and a client for it.
+"""Which MLflow store cmx talks to, whether it answers, and a client for it; the tags cmx sets.
 
-Store: config > `MLFLOW_TRACKING_URI` > sqlite under `$CMX_HOME/mlflow`. Runs are keyed by a
-stable name ("sweep", "trial:<id>", "train") so a resumed or retried run continues its own MLflow
-run; every call made while the store is unreachable goes to a JSON-lines journal that is delivered
-in order once it answers (or with `cmx runs replay`). mlflow is imported only by the `tracking*`
-modules: this one (writes), `tracking_query` (reads) and `tracking_model` (the pyfunc model).
+Store: config > `MLFLOW_TRACKING_URI` > sqlite under `$CMX_HOME/mlflow`. Writes go through
+`cmx.tracking.tracker.Tracker` (journaled while the store is unreachable), reads through
+`cmx.tracking.query`; mlflow is imported only inside `cmx.tracking`.
 
 Ray's stock `MLflowLoggerCallback` is not used: it uploads no checkpoints, opens new runs after
-`Tuner.restore` (the old ones stay RUNNING) and marks ASHA-stopped trials FINISHED (docs/architecture.md, MLflow).
+`Tuner.restore` (the old ones stay RUNNING) and marks ASHA-stopped trials FINISHED
+(docs/architecture.md, MLflow); `cmx.sweep.mlflow_callback` records sweeps instead.
 """
 
 from __future__ import annotations
