@@ -161,11 +161,11 @@ def compare_command(run_refs: tuple[str, ...], show_all: bool, tracking_uri: str
         table.add_row(f"[{style}]{k}[/]", *[f"[{style}]{v}[/]" for v in values])
     table.add_section()
     for k in sorted(set().union(*(r.metrics for r in rows))):
-        values = [r.metrics.get(k) for r in rows]
-        known = [v for v in values if v is not None]
+        scores = [r.metrics.get(k) for r in rows]
+        known = [v for v in scores if v is not None]
         mode = M.MODES.get(k.removeprefix("best/").removeprefix("sweep/best/"))
         best = (max(known) if mode == "max" else min(known)) if known and mode and len(rows) > 1 else None
-        cells = [("[bold green]" + _fmt(v) + "[/]") if v is not None and v == best else _fmt(v) for v in values]
+        cells = [("[bold green]" + _fmt(v) + "[/]") if v is not None and v == best else _fmt(v) for v in scores]
         table.add_row(k, *cells)
     console = _console()
     console.print(table)

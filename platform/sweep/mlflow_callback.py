@@ -193,7 +193,9 @@ class MLflowTrackingCallback(tune.Callback):
             t.log(PARENT, tags={"cmx.resumes": str(self.state.resumes)})
         t.save()
 
-    def setup(self, **info: Any) -> None:
+    def setup(
+        self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
+    ) -> None:
         self._guard("starting the sweep run", lambda: self.tracker)
 
     # ---------------------------------------------------------------- trials

@@ -33,7 +33,9 @@ class RichSweepProgress(tune.Callback):
         state.update(progress=None, console=None)
         return state
 
-    def setup(self, **info: Any) -> None:
+    def setup(
+        self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
+    ) -> None:
         self._live()
 
     def _live(self) -> Progress:

@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cmx.core.metrics import EPOCH_SECONDS, MODES, TrialStatus
 from cmx.core.search_space import encode_params, optuna_space
@@ -96,7 +96,8 @@ def _axis_values(trials: list[TrialSummary], key: str, log_scale: bool) -> tuple
     raw = [t.params.get(key) for t in trials]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
     if numeric:
-        vals = [math.log10(v) if log_scale and v > 0 else float(v) for v in raw]  # type: ignore[arg-type]
+        nums = cast(list[float], raw)
+        vals = [math.log10(v) if log_scale and v > 0 else float(v) for v in nums]
         lo, hi = min(vals), max(vals)
         return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in vals], None
     labels = sorted({_value_label(v) for v in raw})

@@ -403,7 +403,7 @@ class Tracker:
     def _apply(self, op: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        kind, key = op["op"], op.get("key")
+        kind, key = op["op"], str(op.get("key"))  # the run an op acts on
         if kind == "start":
             self._apply_start(op)
         elif kind == "log":
