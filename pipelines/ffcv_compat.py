@@ -1,13 +1,15 @@
 """FFCV's internals, reached only through this module, for the version range they were read in.
 
-cmx relies on three private parts of FFCV 1.0.2, each for a trap that otherwise hangs forever
+cmx relies on four private parts of FFCV 1.0.2, each for a trap that otherwise hangs forever
 (docs/architecture.md, FFCV):
 - `DatasetWriter._write_common`: FFCV waits for workers that may have died; `watched_writer_class`
   replaces it with a loop that watches them;
 - `EpochIterator`: FFCV's epoch thread dies silently on an exception and leaks when an epoch is
   left early; `guarded_epoch_iterator_class` reports errors and always stops it;
 - `PipelineSpec`/`Graph`: a compiled op after a plain one loops forever inside `Loader()`;
-  `check_pipeline_order` finds such orders with FFCV's own requirement pass first.
+  `check_pipeline_order` finds such orders with FFCV's own requirement pass first;
+- `Loader.__iter__`'s internals (traversal order, code generation, epoch counter): `start_epoch`
+  starts an epoch with the guarded iterator and without FFCV's torch thread change.
 `ffcv_imported()` checks the installed version against `TESTED` before anything else is used.
 """
 
@@ -221,6 +223,21 @@ def _guarded_worker(errors: Any, work_fn: Callable[..., None], *args: Any) -> No
         message = e.one_line() if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
         errors.put(message)
         sys.exit(1)
+
+
+def start_epoch(loader: Any, epoch: int, iterator_cls: type) -> Any:
+    """FFCV's `Loader.__iter__` for `epoch`, with `iterator_cls` (the guarded iterator) as its thread.
+
+    FFCV's own `__iter__` also resets torch's thread count; the traversal order, the compiled
+    pipeline and the epoch counter are FFCV internals, hence here.
+    """
+    loader.next_epoch = epoch
+    order = loader.next_traversal_order()
+    selected = order[: len(loader) * loader.batch_size]
+    loader.next_epoch += 1
+    if loader.code is None or loader.recompile:
+        loader.generate_code()
+    return iterator_cls(loader, selected)
 
 
 def watched_writer_class() -> type:

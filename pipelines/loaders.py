@@ -33,6 +33,7 @@ from cmx.pipelines.ffcv_compat import (
     ffcv_imported,
     guarded_epoch_iterator_class,
     keep_torch_threads,
+    start_epoch,
 )
 from cmx.pipelines.images import find_classes, load_rgb, scan_image_folder
 
@@ -295,16 +296,9 @@ class FFCVLoader(_Base):
 
     def _start_epoch(self) -> Any:
         """FFCV's `Loader.__iter__` with our iterator and without its torch thread change."""
-        loader = self._ffcv
         res = self.resolution(self._epoch)
         self.decoder.output_size = (res, res)  # FFCV ImageNet's progressive resizing
-        loader.next_epoch = self._epoch
-        order = loader.next_traversal_order()
-        selected = order[: len(loader) * loader.batch_size]
-        loader.next_epoch += 1
-        if loader.code is None or loader.recompile:
-            loader.generate_code()
-        return self._iterator_cls(loader, selected)
+        return start_epoch(self._ffcv, self._epoch, self._iterator_cls)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import torch
