@@ -77,9 +77,27 @@ def main(argv: list[str] | None = None) -> None:
     except CmxError as e:
         if debug:
             raise
-        click.secho(f"error: {e.one_line()}", err=True, fg="red")
-        sys.exit(e.exit_code)
+        _fail(e.one_line(), e.exit_code)
+    except OSError as e:  # a path that is missing, not a folder, unwritable, ...: name it
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or e}", 1)
+    except Exception as e:  # noqa: BLE001 - the last net: never a traceback without --debug
+        if debug:
+            raise
+        text = " ".join(str(e).split())[:300]
+        _fail(f"unexpected {type(e).__name__}: {text} — re-run with --debug for the traceback, and report it", 1)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    """One red line on stderr (cut to 1,000 characters: inputs may be huge), then exit."""
+    message = message.replace("\n", " ")
+    if len(message) > 1000:
+        message = message[:999] + "…"
+    click.secho(f"error: {message}", err=True, fg="red")
+    sys.exit(code)
 
 
 if __name__ == "__main__":
