@@ -17,6 +17,7 @@ from cmx.core.paths import sweeps_dir
 from cmx.core.search_space import grid_size, preview
 from cmx.core.sweep_spec import SweepSpec, load_sweep_spec, trial_config
 from cmx.core.uris import is_uri
+from cmx.core.yaml_files import read_text_file
 from cmx.sweep.resources import ResourcePlan, concurrency, plan_resources
 from cmx.sweep.results import SweepOutcome, SweepStatus, list_sweeps, sweep_status
 from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, experiment_path, read_text
@@ -72,15 +73,13 @@ def sweep(
         extra.append(f"tracking.uri={tracking_uri}")
     if resume_name:
         space_path = _saved_spec_path(resume_name, storage)
-        source_text = (
-            (space_path.parent / SOURCE_FILE).read_text()
-            if (space_path.parent / SOURCE_FILE).exists()
-            else space_path.read_text()
+        source_text = read_text_file(
+            space_path.parent / SOURCE_FILE if (space_path.parent / SOURCE_FILE).exists() else space_path
         )
     elif space_path is None:
         raise click.UsageError("give --space FILE (or --resume NAME); see `cmx sweep --help`")
     else:
-        source_text = space_path.read_text() if space_path.is_file() else ""
+        source_text = read_text_file(space_path)
     spec = load_sweep_spec(space_path, tuple(extra))
     if dry_run:
         _print_plan(spec, address)

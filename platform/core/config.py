@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cmx.core.errors import ConfigError
 from cmx.core.metrics import ALL, MODES
 from cmx.core.uris import is_uri
+from cmx.core.yaml_files import YamlRefused, load_yaml_file, yaml_value
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,6 +30,19 @@ FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 # list means mixed kernels within that block), or a stage schedule [{blocks: n, kernel_size: k}].
 KernelSpec = int | list[int | list[int]] | list[dict[str, Any]]
 
+# Upper bounds of the sizes that allocate memory, checked by the schema before anything is built
+# (generous for ImageNet-scale work; docs/search-space.md lists them). A sweep range is checked
+# against them too, through its low and high ends.
+MAX_DIM = 65_536  # model.dim
+MAX_DEPTH = 1_024  # model.depth, entries of a kernel list, blocks of a stage schedule
+MAX_KERNEL = 1_023  # one depthwise kernel size
+MAX_MIXED_KERNELS = 64  # kernels mixed within one block
+MAX_PATCH = 1_024  # model.patch_size
+MAX_RESOLUTION = 4_096  # data.resolution, data.val_resolution, progressive resize
+MAX_BATCH = 65_536  # data.batch_size, data.val_batch_size
+MAX_WORKERS = 1_024  # data.num_workers
+MAX_EPOCHS = 100_000  # loop.epochs, scheduler epochs
+
 
 class StrictModel(BaseModel):
     """A config section: unknown keys are errors, assignments are validated."""
@@ -39,11 +53,11 @@ class StrictModel(BaseModel):
 class ProgressiveResize(StrictModel):
     """Train resolution grows linearly from start_res to end_res between the two epochs (FFCV recipe)."""
 
-    start_res: int = Field(160, ge=8)
-    end_res: int = Field(192, ge=8)
+    start_res: int = Field(160, ge=8, le=MAX_RESOLUTION)
+    end_res: int = Field(192, ge=8, le=MAX_RESOLUTION)
     start_epoch: int = Field(0, ge=0)
     end_epoch: int = Field(10, ge=0)
-    step: int = Field(32, ge=1, description="resolutions are rounded to a multiple of this")
+    step: int = Field(32, ge=1, le=MAX_RESOLUTION, description="resolutions are rounded to a multiple of this")
 
     @model_validator(mode="after")
     def _ordered(self) -> ProgressiveResize:
@@ -71,7 +85,7 @@ class AugmentConfig(StrictModel):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     randaugment: bool = False
     randaugment_magnitude: int = Field(9, ge=0, le=30)
-    randaugment_ops: int = Field(2, ge=1)
+    randaugment_ops: int = Field(2, ge=1, le=16)
     color_jitter: float = Field(0.0, ge=0.0)
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
 
@@ -82,11 +96,11 @@ class DataConfig(StrictModel):
     backend: Literal["ffcv", "torchvision"] = "ffcv"
     train_path: str | None = Field(None, description=".beton (ffcv) or ImageFolder dir (torchvision)")
     val_path: str | None = None
-    batch_size: int = Field(128, ge=1, description="per worker")
-    val_batch_size: int | None = Field(None, ge=1)
-    num_workers: int = Field(2, ge=0)
-    resolution: int = Field(224, ge=8, description="train crop size")
-    val_resolution: int = Field(224, ge=8)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="per worker")
+    val_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    num_workers: int = Field(2, ge=0, le=MAX_WORKERS)
+    resolution: int = Field(224, ge=8, le=MAX_RESOLUTION, description="train crop size")
+    val_resolution: int = Field(224, ge=8, le=MAX_RESOLUTION)
     center_crop_ratio: float = Field(224 / 256, gt=0.0, le=1.0)
     progressive: ProgressiveResize | None = None
     os_cache: bool = False
@@ -96,7 +110,7 @@ class DataConfig(StrictModel):
     )
     order: Literal["random", "quasi_random", "sequential"] = "random"
     drop_last: bool = True
-    batches_ahead: int = Field(3, ge=1)
+    batches_ahead: int = Field(3, ge=1, le=64)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -119,13 +133,36 @@ class ModelConfig(StrictModel):
     """A registry name plus overrides of its constructor arguments (None keeps the variant's)."""
 
     name: str = "convmixer_256_8_ks5_p2"
-    dim: int | None = Field(None, ge=1)
-    depth: int | None = Field(None, ge=1)
+    dim: int | None = Field(None, ge=1, le=MAX_DIM)
+    depth: int | None = Field(None, ge=1, le=MAX_DEPTH)
     kernel_size: KernelSpec | None = None
-    patch_size: int | None = Field(None, ge=1)
+    patch_size: int | None = Field(None, ge=1, le=MAX_PATCH)
     act_layer: Literal["gelu", "relu", "silu"] | None = None
     drop_rate: float | None = Field(None, ge=0.0, lt=1.0)
     drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _bounded_kernels(cls, v: KernelSpec | None) -> KernelSpec | None:
+        """Kernel sizes and list lengths within the limits (the model checks oddness and depth)."""
+        if v is None:
+            return v
+        entries: list[Any] = [v] if isinstance(v, int) else list(v)
+        if len(entries) > MAX_DEPTH:
+            raise ValueError(f"{len(entries)} entries, more than the {MAX_DEPTH} blocks model.depth allows")
+        for entry in entries:
+            if isinstance(entry, dict):
+                blocks = entry.get("blocks")
+                if isinstance(blocks, int) and blocks > MAX_DEPTH:
+                    raise ValueError(f"a stage of {blocks} blocks, more than the {MAX_DEPTH} model.depth allows")
+                entry = entry.get("kernel_size")
+            kernels = entry if isinstance(entry, list) else [entry]
+            if len(kernels) > MAX_MIXED_KERNELS:
+                raise ValueError(f"{len(kernels)} kernels mixed in one block, more than {MAX_MIXED_KERNELS}")
+            for k in kernels:
+                if isinstance(k, int) and k > MAX_KERNEL:
+                    raise ValueError(f"kernel {k} is over the limit of {MAX_KERNEL}")
+        return v
 
     def overrides(self) -> dict[str, Any]:
         """Constructor arguments that differ from the registered variant."""
@@ -176,7 +213,7 @@ class ScheduleConfig(StrictModel):
 class LoopConfig(StrictModel):
     """The training loop: length, regularisation, precision, determinism."""
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
     seed: int = 0
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     mixup: float = Field(0.0, ge=0.0, description="mixup alpha (0 = off)")
@@ -189,7 +226,7 @@ class LoopConfig(StrictModel):
     compile: bool = False
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    threads: int | None = Field(None, ge=1, le=MAX_WORKERS, description="torch CPU threads (default: all cores)")
     cpu_allocator: Literal["keep", "default"] = Field(
         "keep",
         description="on CPU, keep: glibc reuses freed tensor buffers instead of unmapping them after "
@@ -231,17 +268,10 @@ T = TypeVar("T", bound=BaseModel)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with `yaml.safe_load`; errors name the file and line."""
+    """Read a YAML mapping through `yaml_files` (size limit, UTF-8, safe and bounded YAML, no duplicate
+    keys); errors name the file and line."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: file not found", "check the path")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}:{where}: invalid YAML ({problem})", "fix the syntax there") from None
+    data = load_yaml_file(p)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -278,7 +308,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise ConfigError(f"--set {item!r}: expected key=value", "e.g. --set optim.lr=0.01")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = yaml_value(raw)
+        except YamlRefused as e:
+            raise ConfigError(f"--set {key.strip()}: invalid YAML value ({e.problem})", "write the value out") from None
         except yaml.YAMLError:
             value = raw
         set_dotted(data, key.strip(), value)
@@ -339,8 +371,17 @@ def validate_config(cls: type[T], data: dict[str, Any], source: str) -> T:
             raise ConfigError(f"{source}: unknown key {key!r}", hint) from None
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if isinstance(got, dict) else f" (got {_short_repr(got)})"
         raise ConfigError(f"{source}: {key}: {msg}{shown}", "fix the value and re-run") from None
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters: an error stays one readable line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return "a number too long to show"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def resolve_data_paths(config: dict[str, Any], root: Path) -> None:

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cmx.core import metrics
 from cmx.core.config import (
+    MAX_EPOCHS,
     StrictModel,
     TrainConfig,
     apply_overrides,
@@ -28,14 +29,29 @@ from cmx.core.errors import ConfigError
 
 # ------------------------------------------------------------------ distributions
 
+MAX_GRID_TRIALS = 100_000  # grid points × num_samples a grid sweep may expand to
+
+
+def _range_end(v: Any, *, integer: bool) -> Any:
+    """A YAML `true` is not the number 1, and an int range's ends are ints (not '3', not 3.0)."""
+    if isinstance(v, bool) or (integer and not isinstance(v, int)):
+        raise ValueError(f"must be {'an integer' if integer else 'a number'}, not {type(v).__name__} {v!r}")
+    return v
+
+
+# Ends of an int range (2**53: floats and Optuna still hold every int exactly). The fields a range
+# samples bound it further: its low and high ends are validated as values of those fields.
+# Float ends must be finite (no .inf, no .nan).
+MAX_INT = 2**53
+
 
 class IntDist(StrictModel):
     """Integers in [low, high] (inclusive), optionally on a step grid or log scale."""
 
     type: Literal["int"]
-    low: int
-    high: int
-    step: int = Field(1, ge=1)
+    low: int = Field(ge=-MAX_INT, le=MAX_INT)
+    high: int = Field(ge=-MAX_INT, le=MAX_INT)
+    step: int = Field(1, ge=1, le=MAX_INT)
     log: bool = False
 
     @model_validator(mode="after")
@@ -53,8 +69,8 @@ class FloatDist(StrictModel):
     """Floats in [low, high], uniform or log-uniform."""
 
     type: Literal["float"]
-    low: float
-    high: float
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
     log: bool = False
 
     @model_validator(mode="after")
@@ -70,8 +86,8 @@ class LogUniformDist(StrictModel):
     """Shorthand for `{type: float, log: true}`."""
 
     type: Literal["loguniform"]
-    low: float
-    high: float
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> LogUniformDist:
@@ -160,9 +176,9 @@ class SchedulerConfig(StrictModel):
         description="asha: Tune's ASHA, a trial stops at a rung below the cut-off so far; asha-promotion: "
         "trials pause at each rung and the top 1/reduction_factor of those that reached it resume",
     )
-    grace_period: int = Field(1, ge=1, description="epochs every trial gets before it may stop")
+    grace_period: int = Field(1, ge=1, le=MAX_EPOCHS, description="epochs every trial gets before it may stop")
     reduction_factor: float = Field(3.0, gt=1.0)
-    max_epochs: int | None = Field(None, ge=1, description="default: base.loop.epochs")
+    max_epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="default: base.loop.epochs")
     metric: str | None = Field(
         None, description="what trials are compared on at each rung; default: the search's (first) objective"
     )

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from cmx.core import metrics
+from cmx.core.config import load_yaml, validate_config
 from cmx.core.errors import ConfigError
 from cmx.core.metrics import DIVERGED, REJECTED, TrialStatus, better
 from cmx.core.paths import sweeps_dir
@@ -199,7 +200,7 @@ def sweep_status(path: str | Path) -> SweepStatus:
     path = Path(path)
     if not (path / SPEC_FILE).exists():
         raise ConfigError(f"{path}: not a cmx sweep directory", "list sweeps with `cmx sweep list`")
-    spec = SweepSpec.model_validate(yaml.safe_load((path / SPEC_FILE).read_text()))
+    spec = validate_config(SweepSpec, load_yaml(path / SPEC_FILE), str(path / SPEC_FILE))
     objective = spec.objectives()[0]
     trials = []
     for trial_dir in sorted(path.glob("trial_*")):

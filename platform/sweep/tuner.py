@@ -21,6 +21,7 @@ from cmx.core.metrics import DIVERGED, REJECTED
 from cmx.core.search_space import encode_params, make_sampler, optuna_space
 from cmx.core.sweep_spec import ChoiceDist, FloatDist, GridDist, IntDist, SweepSpec
 from cmx.core.uris import is_uri
+from cmx.core.yaml_files import parse_yaml
 from cmx.sweep.checkpoint_retention import CheckpointRetention
 from cmx.sweep.mlflow_callback import MLflowTrackingCallback
 from cmx.sweep.promotion_asha import PromotionASHA, RungFeedback
@@ -233,7 +234,7 @@ def _prepare_experiment_dir(spec: SweepSpec, path: str, source_text: str, fresh:
         _repair_saved_state(spec, path)
         saved = read_text(path, SPEC_FILE)
         if saved is not None:
-            old = SweepSpec.model_validate(yaml.safe_load(saved))
+            old = SweepSpec.model_validate(parse_yaml(saved, f"{path}/{SPEC_FILE}"))
             if spec_fingerprint(old) != spec_fingerprint(spec):
                 raise ConfigError(
                     f"sweep {spec.name!r} already exists at {path} with a different search space",
