@@ -84,12 +84,8 @@ def make_sampler(spec: SweepSpec) -> Any:
 
 
 def grid_size(spec: SweepSpec) -> int:
-    """How many points a `grid` algorithm enumerates (product of grid lengths)."""
-    n = 1
-    for dist in spec.space.values():
-        if isinstance(dist, GridDist):
-            n *= len(dist.values)
-    return n
+    """How many points a `grid` algorithm enumerates (product of grid lengths; nothing is enumerated)."""
+    return spec.grid_points()
 
 
 def preview(spec: SweepSpec, n: int = 5) -> list[dict[str, Any]]:

@@ -15,8 +15,9 @@ from cmx.core import metrics
 from cmx.core.constraints import violated
 from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED, TrialStatus
 from cmx.core.search_space import decode_params
-from cmx.core.sweep_spec import SweepSpec, trial_config
+from cmx.core.sweep_spec import SweepSpec, constraint_config, trial_config
 from cmx.models import count_flops, count_params, create_model
+from cmx.models.factory import variant_arguments
 from cmx.pipelines.trainer import train
 
 
@@ -36,7 +37,7 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     params = decode_params(spec, {k: v for k, v in config.items() if k in spec.space})
     cfg = trial_config(spec, params)
     cfg.loop.epochs = spec.max_epochs
-    rule = violated(spec.constraints, cfg.model_dump(mode="json"))
+    rule = violated(spec.constraints, constraint_config(cfg, spec.constraints, variant_arguments))
     if rule is not None:
         tune.report({**_worst(spec), REJECTED: 1.0, metrics.EPOCH: 0})
         return
