@@ -14,8 +14,15 @@ from cmx.cluster.runtime import local_capacity
 from cmx.core.constraints import violated
 from cmx.core.errors import ConfigError
 from cmx.core.paths import sweeps_dir
-from cmx.core.search_space import grid_size, preview
-from cmx.core.sweep_spec import SweepSpec, load_sweep_spec, trial_config
+from cmx.core.search_space import preview
+from cmx.core.sweep_spec import (
+    MAX_GRID_TRIALS,
+    SweepSpec,
+    check_constraints_evaluate,
+    constraint_config,
+    load_sweep_spec,
+    trial_config,
+)
 from cmx.core.uris import is_uri
 from cmx.core.yaml_files import read_text_file
 from cmx.sweep.resources import ResourcePlan, concurrency, plan_resources
@@ -67,7 +74,12 @@ def sweep(
         extra.append(f"name={name}")
     if storage:
         extra.append(f"storage.path={storage}")
-    if samples:
+    if samples is not None and samples < 1:
+        raise ConfigError(
+            f"{space_path or resume_name}: --samples {samples}: search.num_samples must be at least 1",
+            "give --samples N with N >= 1",
+        )
+    if samples is not None:
         extra.append(f"search.num_samples={samples}")
     if tracking_uri:
         extra.append(f"tracking.uri={tracking_uri}")
@@ -81,10 +93,18 @@ def sweep(
     else:
         source_text = read_text_file(space_path)
     spec = load_sweep_spec(space_path, tuple(extra))
+    check_constraints_evaluate(spec, str(space_path), _variant_arguments)
     if dry_run:
         _print_plan(spec, address)
         return
     _run(spec, source_text, address, fresh)
+
+
+def _variant_arguments(name: str) -> dict[str, Any]:
+    """A variant's constructor arguments, for constraints on model fields left at None (imports torch)."""
+    from cmx.models.factory import variant_arguments
+
+    return variant_arguments(name)
 
 
 def _saved_spec_path(name: str, storage: str | None) -> Path:
@@ -126,7 +146,7 @@ def _print_plan(spec: SweepSpec, address: str | None) -> None:
     s = spec.stopping_objective()
     stops_on = "" if spec.scheduler.metric is None else f", ranks trials on {s.mode} {s.metric}"
     console.print(
-        f"[bold]search[/] {spec.search.algorithm} (seed {spec.search.seed}), {spec.search.num_samples} trials, "
+        f"[bold]search[/] {spec.search.algorithm} (seed {spec.search.seed}), {_trials(spec)}, "
         f"objective {', '.join(f'{x.mode} {x.metric}' for x in o)}\n"
         f"[bold]scheduler[/] {spec.scheduler.name}, max {spec.max_epochs} epochs, grace {spec.scheduler.grace_period}"
         f"{stops_on}\n"
@@ -140,9 +160,20 @@ def _print_plan(spec: SweepSpec, address: str | None) -> None:
         samples.add_column(k)
     samples.add_column("constraints")
     for params in preview(spec, 5):
-        rule = violated(spec.constraints, trial_config(spec, params).model_dump(mode="json"))
+        config = constraint_config(trial_config(spec, params), spec.constraints, _variant_arguments)
+        rule = violated(spec.constraints, config)
         samples.add_row(*[str(params.get(k)) for k in keys], f"rejected: {rule}" if rule else "ok")
     console.print(samples)
+
+
+def _trials(spec: SweepSpec) -> str:
+    """`8 trials`, or for a grid `12 trials (a grid of 6 points × 2 samples; at most 100,000)`."""
+    if spec.search.algorithm != "grid":
+        return f"{spec.search.num_samples} trials"
+    return (
+        f"{spec.planned_trials():,} trials (a grid of {spec.grid_points():,} points × "
+        f"{spec.search.num_samples} samples; at most {MAX_GRID_TRIALS:,})"
+    )
 
 
 def _run(spec: SweepSpec, source_text: str, address: str | None, fresh: bool) -> None:
@@ -158,13 +189,13 @@ def _run(spec: SweepSpec, source_text: str, address: str | None, fresh: bool) ->
 
         verb = "resuming" if resumed else "starting"
         console.print(
-            f"[bold]{verb} sweep {spec.name}[/] ({spec.search.num_samples} trials, "
+            f"[bold]{verb} sweep {spec.name}[/] ({_trials(spec)}, "
             f"{spec.search.algorithm}, {spec.scheduler.name}) → {concurrency(spec, plan)} at a time"
         )
 
     from cmx.sweep.progress import RichSweepProgress
 
-    total = spec.search.num_samples * (grid_size(spec) if spec.search.algorithm == "grid" else 1)
+    total = spec.planned_trials()
     callbacks.append(
         RichSweepProgress(total=total, metric=o.metric, mode=o.mode, max_epochs=spec.max_epochs, console=console)
     )

@@ -25,6 +25,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
+_INF = float("inf")
 
 # A kernel size spec: one int for all blocks, a list with one entry per block (an entry that is a
 # list means mixed kernels within that block), or a stage schedule [{blocks: n, kernel_size: k}].
@@ -115,6 +116,21 @@ class DataConfig(StrictModel):
     std: tuple[float, float, float] = IMAGENET_STD
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     limit: int | None = Field(None, ge=1, description="use N evenly spaced samples (quick runs)")
+
+    @field_validator("mean")
+    @classmethod
+    def _finite_mean(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(-_INF < x < _INF for x in v):
+            raise ValueError("every entry must be a finite number")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        """Images are divided by std: a zero, negative or non-finite entry is a config error, not divergence."""
+        if not all(0 < x < _INF for x in v):
+            raise ValueError("every entry must be a finite number > 0 (images are divided by it)")
+        return v
 
     @model_validator(mode="after")
     def _feasible(self) -> DataConfig:

@@ -5,12 +5,15 @@ Every error names the file, the key and the fix, and is raised before Ray starts
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from cmx.core import metrics
 from cmx.core.config import (
@@ -24,7 +27,7 @@ from cmx.core.config import (
     set_dotted,
     validate_config,
 )
-from cmx.core.constraints import compile_rule
+from cmx.core.constraints import compile_rule, evaluate_rule, rule_keys
 from cmx.core.errors import ConfigError
 
 # ------------------------------------------------------------------ distributions
@@ -54,6 +57,11 @@ class IntDist(StrictModel):
     step: int = Field(1, ge=1, le=MAX_INT)
     log: bool = False
 
+    @field_validator("low", "high", "step", mode="before")
+    @classmethod
+    def _int_ends(cls, v: Any) -> Any:
+        return _range_end(v, integer=True)
+
     @model_validator(mode="after")
     def _check(self) -> IntDist:
         if self.low > self.high:
@@ -73,6 +81,11 @@ class FloatDist(StrictModel):
     high: float = Field(allow_inf_nan=False)
     log: bool = False
 
+    @field_validator("low", "high", mode="before")
+    @classmethod
+    def _float_ends(cls, v: Any) -> Any:
+        return _range_end(v, integer=False)
+
     @model_validator(mode="after")
     def _check(self) -> FloatDist:
         if self.low > self.high:
@@ -88,6 +101,11 @@ class LogUniformDist(StrictModel):
     type: Literal["loguniform"]
     low: float = Field(allow_inf_nan=False)
     high: float = Field(allow_inf_nan=False)
+
+    @field_validator("low", "high", mode="before")
+    @classmethod
+    def _float_ends(cls, v: Any) -> Any:
+        return _range_end(v, integer=False)
 
     @model_validator(mode="after")
     def _check(self) -> LogUniformDist:
@@ -147,7 +165,7 @@ class SearchConfig(StrictModel):
     seed: int = 0
     metric: str = metrics.VAL_TOP1
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(8, ge=1)
+    num_samples: int = Field(8, ge=1, strict=True)
     max_concurrent: int | None = Field(None, ge=1)
     time_budget: float | None = Field(None, gt=0, description="seconds for the whole sweep")
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
@@ -253,6 +271,15 @@ class SweepSpec(StrictModel):
         """The epoch budget of one full trial."""
         return self.scheduler.max_epochs or self.base.loop.epochs
 
+    def grid_points(self) -> int:
+        """How many points the `grid` entries cross to (the product of their lengths; nothing enumerated)."""
+        return math.prod(len(d.values) for d in self.space.values() if isinstance(d, GridDist))
+
+    def planned_trials(self) -> int:
+        """Trials the sweep runs: num_samples, times the grid's points with `search.algorithm: grid`."""
+        grid = self.grid_points() if self.search.algorithm == "grid" else 1
+        return grid * self.search.num_samples
+
     def objectives(self) -> list[Objective]:
         """The metrics being optimised (one unless multi-objective)."""
         return self.search.objectives or [Objective(metric=self.search.metric, mode=self.search.mode)]
@@ -290,6 +317,8 @@ def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepS
     if not _NAME.match(spec.name):
         raise ConfigError(f"{path}: name {spec.name!r} is not a valid sweep name", "use letters, digits, - _ .")
     check_space_paths(spec, str(path))
+    check_points(spec, str(path))
+    check_grid_size(spec, str(path))
     check_constraints_parse(spec, str(path))
     check_scheduler_fits_search(spec, str(path))
     return spec
@@ -331,6 +360,7 @@ def check_space_paths(spec: SweepSpec, source: str) -> None:
                     f"{source}: space.{key}: value {value!r} is invalid ({e.message.split(': ', 1)[-1]})",
                     "fix the range or the values",
                 ) from None
+            check_value_type(key, value, f"{source}: space.{key}")
 
 
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -345,13 +375,153 @@ def _representative_values(dist: Any) -> list[Any]:
 
 
 def check_constraints_parse(spec: SweepSpec, source: str) -> None:
-    """Constraints must parse and only name searched or base config keys."""
-
+    """Constraints must parse and only name config keys (checked against the schema, before Ray starts)."""
+    base = spec.base.model_dump(mode="json")
     for i, rule in enumerate(spec.constraints):
         try:
-            compile_rule(rule)
+            tree = compile_rule(rule)
         except ValueError as e:
             raise ConfigError(f"{source}: constraints[{i}]: {e}", "e.g. 'model.dim * model.depth <= 4096'") from None
+        for key in rule_keys(tree):
+            node: Any = base
+            for part in key.split("."):
+                node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+            if node is _MISSING:
+                raise ConfigError(
+                    f"{source}: constraints[{i}] {rule!r}: unknown config key {key!r}",
+                    "name training config fields such as model.dim, model.depth or optim.lr",
+                )
+
+
+_MISSING = object()
+
+
+# ------------------------------------------------------------------ strict values
+
+
+@cache
+def _field_adapter(key: str) -> TypeAdapter[Any] | None:
+    """A TypeAdapter for the type of TrainConfig field `key` (dotted), or None if it is not one."""
+    cls: Any = TrainConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None or field.annotation is None:
+            return None
+        if i == len(parts) - 1:
+            return TypeAdapter(field.annotation)
+        cls = field.annotation
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            models = [a for a in getattr(cls, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+            cls = models[0] if models else None
+    return None
+
+
+def check_value_type(key: str, value: Any, where: str) -> None:
+    """A value a sweep may sample must already have the field's type: no `true` for an int (it would be 1),
+    no '32' and no 16.0 for an int (a float range over an int field would sample 23.7). Float fields take
+    ints, and numeric strings (YAML 1.1 reads `1e-4` as a string)."""
+    adapter = _field_adapter(key)
+    if adapter is None:
+        return
+    try:
+        adapter.validate_json(json.dumps(value), strict=True)
+        return
+    except (ValidationError, ValueError) as e:
+        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+    if isinstance(value, str):
+        try:
+            adapter.validate_json(json.dumps(float(value)), strict=True)
+            return
+        except (ValidationError, ValueError):
+            pass
+    raise ConfigError(
+        f"{where}: value {value!r} is invalid (not of the field's type: {msg})",
+        "write the value as the field's type, e.g. 16 (not true, '16' or 16.0) for an integer",
+    )
+
+
+def check_points(spec: SweepSpec, source: str) -> None:
+    """Every `search.points_to_evaluate` entry names searched keys with values the search could sample."""
+    for i, point in enumerate(spec.search.points_to_evaluate):
+        for key, value in point.items():
+            where = f"{source}: search.points_to_evaluate[{i}].{key}"
+            dist = spec.space.get(key)
+            if dist is None:
+                raise ConfigError(f"{where}: {key!r} is not a space key", f"use one of: {', '.join(spec.space)}")
+            check_value_type(key, value, where)
+            if isinstance(dist, (ChoiceDist, GridDist)):
+                ok = any(type(value) is type(v) and value == v for v in dist.values)
+                allowed = f"one of {dist.values}"
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and dist.low <= value <= dist.high
+                allowed = f"in [{dist.low}, {dist.high}]"
+            if not ok:
+                raise ConfigError(f"{where}: value {value!r} is not {allowed}", "fix the point or the space")
+        data = spec.base.model_dump(mode="json")
+        for key, value in point.items():
+            _set(data, key, value)
+        validate_config(TrainConfig, data, f"{source}: search.points_to_evaluate[{i}]")
+
+
+def check_grid_size(spec: SweepSpec, source: str) -> None:
+    """A grid sweep is refused past MAX_GRID_TRIALS trials (computed, never enumerated)."""
+    if spec.search.algorithm != "grid":
+        return
+    total = spec.planned_trials()
+    if total > MAX_GRID_TRIALS:
+        raise ConfigError(
+            f"{source}: search.algorithm grid expands to {total:,} trials ({spec.grid_points():,} grid points × "
+            f"search.num_samples {spec.search.num_samples}), over the cap of {MAX_GRID_TRIALS:,}",
+            "use fewer grid values, or make some a choice or range with search.algorithm: random",
+        )
+
+
+# ------------------------------------------------------------------ constraint evaluation
+
+ModelDefaults = Callable[[str], dict[str, Any]]
+
+
+def constraint_config(cfg: TrainConfig, rules: list[str], model_defaults: ModelDefaults | None) -> dict[str, Any]:
+    """The config a trial's constraints see: model fields left at None take the variant's own values
+    (`model_defaults(name)`, from cmx.models: core cannot import it), looked up only when a rule needs one."""
+    data = cfg.model_dump(mode="json")
+    model = data["model"]
+    needed = any(
+        key.startswith("model.") and model.get(key[len("model.") :], 0) is None
+        for rule in rules
+        for key in rule_keys(compile_rule(rule))
+    )
+    if model_defaults is not None and needed:
+        resolved = model_defaults(cfg.model.name)
+        for field, value in model.items():
+            if value is None and field in resolved:
+                model[field] = resolved[field]
+    return data
+
+
+def check_constraints_evaluate(spec: SweepSpec, source: str, model_defaults: ModelDefaults | None) -> None:
+    """Every rule evaluates (to True or False, never an error) at the space's low and high ends, before Ray starts."""
+    if not spec.constraints:
+        return
+    ends = [
+        {k: (d.values[0] if isinstance(d, (ChoiceDist, GridDist)) else d.low) for k, d in spec.space.items()},
+        {k: (d.values[-1] if isinstance(d, (ChoiceDist, GridDist)) else d.high) for k, d in spec.space.items()},
+    ]
+    for params in ends:
+        try:
+            cfg = trial_config(spec, params)
+        except ConfigError:
+            continue  # these ends do not go together; each value alone was checked by check_space_paths
+        config = constraint_config(cfg, spec.constraints, model_defaults)
+        for i, rule in enumerate(spec.constraints):
+            try:
+                evaluate_rule(rule, config)
+            except ValueError as e:
+                raise ConfigError(
+                    f"{source}: constraints[{i}]: {e} (at {params})",
+                    "name fields that have a value (sampled, set in base, or the variant's) and keep to numbers",
+                ) from None
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any]) -> TrainConfig:
