@@ -32,6 +32,8 @@ def check_command(file: Path, space: Path | None, strict: bool) -> None:
     if strict and report.placeholders:
         problems.append(Problem("placeholders", f"still to fill: {', '.join(report.placeholders)}",
                                 "replace every <PLACEHOLDER> with your value"))  # fmt: skip
+    if strict:
+        problems.extend(report.security)
     for p in problems:
         click.secho(f"error: {p.line(str(file))}", err=True, fg="red")
     if problems:
@@ -40,6 +42,8 @@ def check_command(file: Path, space: Path | None, strict: bool) -> None:
     click.secho(f"ok: {file} passes Ray's cluster schema and cmx's rules", fg="green")
     for line in report.summary:
         click.echo(f"  {line}")
+    for p in report.security:
+        click.secho(f"  warning: {p.line(str(file))} (an error with --strict)", fg="yellow")
     for note in report.notes:
         click.echo(f"  note: {note}")
     if report.placeholders:

@@ -14,7 +14,7 @@ import click
 
 from cmx.cli.options import json_option
 from cmx.core.errors import DataError
-from cmx.core.paths import data_dir
+from cmx.core.paths import check_dir_target, data_dir
 from cmx.pipelines.beton import convert_image_folder, inspect_beton, report_dict, verify_beton
 from cmx.pipelines.fashion_mnist import export_fashion_mnist
 
@@ -97,6 +97,9 @@ def convert(
 ) -> None:
     """Convert the ImageFolder SRC (SRC/<class>/<image>) to the FFCV file OUT (e.g. train.beton)."""
 
+    check_dir_target(
+        out.expanduser().absolute().parent, "OUT's folder", "give OUT a path inside a folder, e.g. data/train.beton"
+    )
     report = convert_image_folder(
         src,
         out,

@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from cmx.core.uris import check_tracking_uri
+
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 TRACKING_URI_HELP = (
@@ -20,7 +22,18 @@ TRACKING_URI_HELP = (
 
 def tracking_uri_option(help: str = TRACKING_URI_HELP, *, from_env: bool = True) -> Decorator:
     """`--tracking-uri URI`; `from_env=False` where a file's own setting must win over the environment."""
-    return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI" if from_env else None, metavar="URI", help=help)
+    return click.option(
+        "--tracking-uri",
+        envvar="MLFLOW_TRACKING_URI" if from_env else None,
+        metavar="URI",
+        help=help,
+        callback=_checked_tracking_uri,
+    )
+
+
+def _checked_tracking_uri(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Parse the URI once, before anything runs: an unsupported or malformed one is one line."""
+    return value if value is None else check_tracking_uri(value, "--tracking-uri")
 
 
 def address_option(help: str) -> Decorator:

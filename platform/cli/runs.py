@@ -20,7 +20,7 @@ import click
 
 from cmx.cli.options import tracking_uri_option
 from cmx.core import metrics as M
-from cmx.core.errors import TrackingError
+from cmx.core.errors import ConfigError, TrackingError
 from cmx.core.net import is_listening
 from cmx.core.uris import is_uri
 
@@ -248,6 +248,14 @@ def server(
     """Start a real MLflow tracking server (for a team or a cluster head node)."""
     from cmx.tracking import store as T
 
+    if host not in LOOPBACK and not allowed_hosts:
+        # MLflow answers 403 to every Host header but localhost's unless told which to accept: the
+        # URL printed below would not work, and binding everywhere needs a deliberate choice.
+        raise ConfigError(
+            f"--host {host} binds beyond this machine but no --allowed-hosts was given (MLflow would refuse "
+            "every other Host with 403)",
+            f"add --allowed-hosts {socket_name(host)}:{port},localhost:{port} (the names clients use), or drop --host",
+        )
     # Not resolve_uri(): MLFLOW_TRACKING_URI may name this very server.
     backend = backend_store_uri or f"sqlite:///{T.local_store_dir() / 'mlflow.db'}"
     if backend.startswith("sqlite:///"):
@@ -274,6 +282,9 @@ def server(
     click.echo(f"MLflow server: backend {backend}, artifacts {root} (starting, ~10-30 s)...")
     click.echo(f"point cmx at it with: export MLFLOW_TRACKING_URI=http://{socket_name(host)}:{port}")
     _serve(cmd, server_env(), url, "MLflow server")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def socket_name(host: str) -> str:

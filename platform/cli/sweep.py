@@ -13,7 +13,7 @@ from cmx.cli.options import address_option, set_option, tracking_uri_option
 from cmx.cluster.runtime import local_capacity
 from cmx.core.constraints import violated
 from cmx.core.errors import ConfigError
-from cmx.core.paths import sweeps_dir
+from cmx.core.paths import check_dir_target, safe_child, sweeps_dir
 from cmx.core.search_space import preview
 from cmx.core.sweep_spec import (
     MAX_GRID_TRIALS,
@@ -27,7 +27,7 @@ from cmx.core.uris import is_uri
 from cmx.core.yaml_files import read_text_file
 from cmx.sweep.resources import ResourcePlan, concurrency, plan_resources
 from cmx.sweep.results import SweepOutcome, SweepStatus, list_sweeps, sweep_status
-from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, experiment_path, read_text
+from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, experiment_path, experiment_root, read_text
 
 
 @click.group(invoke_without_command=True)
@@ -94,6 +94,8 @@ def sweep(
         source_text = read_text_file(space_path)
     spec = load_sweep_spec(space_path, tuple(extra))
     check_constraints_evaluate(spec, str(space_path), _variant_arguments)
+    if not is_uri(experiment_root(spec)):
+        check_dir_target(experiment_root(spec), "--storage" if storage else "storage.path")
     if dry_run:
         _print_plan(spec, address)
         return
@@ -110,6 +112,7 @@ def _variant_arguments(name: str) -> dict[str, Any]:
 def _saved_spec_path(name: str, storage: str | None) -> Path:
     """The saved spec of sweep `name`; from s3:// (or any URI) storage it is copied to a temp folder."""
 
+    safe_child(storage or sweeps_dir(), name, "sweep name")
     if storage and is_uri(storage):
         folder = f"{storage.rstrip('/')}/{name}"
         spec_text = read_text(folder, SPEC_FILE)

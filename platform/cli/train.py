@@ -15,7 +15,7 @@ from cmx.cli.options import address_option, json_option, set_option, tracking_ur
 from cmx.core import metrics as M
 from cmx.core.config import TrainConfig, apply_overrides, load_yaml, resolve_data_paths, validate_config
 from cmx.core.errors import ConfigError, TrainingDiverged
-from cmx.core.paths import runs_dir
+from cmx.core.paths import check_dir_target, runs_dir, safe_child
 from cmx.pipelines.presets import merge
 from cmx.pipelines.presets import preset as get_preset
 
@@ -156,7 +156,9 @@ def default_run_dir(name: str, output_dir: str | None) -> Path:
     """`<output_dir or $CMX_HOME/runs>/<name>-<YYYYmmdd-HHMMSS>`, never an existing folder."""
 
     parent = Path(output_dir).expanduser() if output_dir else runs_dir()
+    safe_child(parent, name, "run name (config key `name`)")
     base = parent / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_dir_target(parent, "output_dir" if output_dir else "$CMX_HOME/runs")
     candidate, n = base, 1
     while candidate.exists():
         n += 1

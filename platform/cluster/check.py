@@ -74,6 +74,7 @@ class ClusterReport:
     placeholders: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
+    security: list[Problem] = field(default_factory=list)  # exposures: errors under --strict, notes otherwise
 
     @property
     def ok(self) -> bool:
@@ -267,6 +268,37 @@ def placeholders(data: Any) -> list[str]:
     return found
 
 
+OPEN_CIDRS = ("0.0.0.0/0", "::/0")
+SSH_PORT = 22
+
+
+def open_ssh_problems(raw: dict[str, Any]) -> list[Problem]:
+    """Rules of `provider.security_group` that open SSH (port 22) to the whole internet."""
+    provider = raw.get("provider")
+    group = provider.get("security_group") if isinstance(provider, dict) else None
+    rules = group.get("IpPermissions") if isinstance(group, dict) else None
+    found: list[Problem] = []
+    for i, rule in enumerate(rules if isinstance(rules, list) else []):
+        if not isinstance(rule, dict):
+            continue
+        protocol = str(rule.get("IpProtocol", "")).lower()
+        try:
+            ports = [int(p) for p in (rule.get("FromPort"), rule.get("ToPort")) if p is not None]
+            covers_ssh = protocol == "-1" or not ports or min(ports) <= SSH_PORT <= max(ports)
+        except (TypeError, ValueError):
+            covers_ssh = True  # unreadable ports: assume the worst
+        if protocol not in ("tcp", "6", "-1") or not covers_ssh:
+            continue
+        cidrs = [r.get("CidrIp") for r in rule.get("IpRanges") or [] if isinstance(r, dict)]
+        cidrs += [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges") or [] if isinstance(r, dict)]
+        for cidr in cidrs:
+            if cidr in OPEN_CIDRS:
+                found.append(Problem(f"provider.security_group.IpPermissions[{i}]",
+                                     f"opens SSH (port 22) to {cidr}, the whole internet",
+                                     "limit the rule to your own address range (e.g. 203.0.113.7/32)"))  # fmt: skip
+    return found
+
+
 # ------------------------------------------------------------------ the whole check
 
 
@@ -279,6 +311,7 @@ def check_cluster_file(path: str | Path, space: str | Path | None = None) -> Clu
     report = ClusterReport(path)
     raw = load_yaml(path)
     report.placeholders = placeholders(raw)
+    report.security = open_ssh_problems(raw)
     meta = (raw.get("metadata") or {}).get("cmx") if isinstance(raw.get("metadata"), dict) else None
     try:
         prepared: dict[str, Any] | None = ray_validate(raw)

@@ -29,6 +29,7 @@ from cmx.core.config import (
 )
 from cmx.core.constraints import compile_rule, evaluate_rule, rule_keys
 from cmx.core.errors import ConfigError
+from cmx.core.uris import check_storage_location, check_tracking_uri
 
 # ------------------------------------------------------------------ distributions
 
@@ -316,6 +317,10 @@ def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepS
         spec.name = path.stem
     if not _NAME.match(spec.name):
         raise ConfigError(f"{path}: name {spec.name!r} is not a valid sweep name", "use letters, digits, - _ .")
+    if spec.tracking.uri:
+        check_tracking_uri(spec.tracking.uri, f"{path}: tracking.uri")
+    if spec.storage.path:
+        check_storage_location(spec.storage.path, f"{path}: storage.path")
     check_space_paths(spec, str(path))
     check_points(spec, str(path))
     check_grid_size(spec, str(path))

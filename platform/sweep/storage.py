@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from pathlib import Path
 
 from cmx.core.errors import ConfigError
@@ -75,6 +76,58 @@ def remove_dir(folder: str) -> None:
     fs, root = _remote(folder)
     if fs.get_file_info(root).type == pyarrow.fs.FileType.Directory:  # type: ignore[attr-defined]
         fs.delete_dir(root)  # type: ignore[attr-defined]
+
+
+def check_removable(folder: str) -> None:
+    """`--fresh` deletes `folder`: only one that holds a sweep (its SPEC_FILE) or nothing at all.
+
+    Anything else (a user's folder that --storage/--name happen to name, a file, a symlink) is
+    refused with one line, before Ray starts and before anything is deleted.
+    """
+    hint = "give --name or --storage a folder of its own; --fresh only replaces an earlier sweep"
+    if not is_uri(folder):
+        path = Path(folder)
+        if path.is_symlink():
+            raise ConfigError(f"--fresh will not delete {folder}: it is a symlink", hint)
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise ConfigError(f"--fresh will not delete {folder}: it is a file, not a sweep folder", hint)
+        if (path / SPEC_FILE).is_file() or not any(path.iterdir()):
+            return
+        raise ConfigError(f"--fresh will not delete {folder}: it holds no cmx sweep (no {SPEC_FILE})", hint)
+    import pyarrow.fs
+
+    fs, root = _remote(folder)
+    info = fs.get_file_info(root)  # type: ignore[attr-defined]
+    if info.type == pyarrow.fs.FileType.NotFound:
+        return
+    if info.type != pyarrow.fs.FileType.Directory:
+        raise ConfigError(f"--fresh will not delete {folder}: it is a file, not a sweep folder", hint)
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=False))  # type: ignore[attr-defined]
+    if not entries or any(e.base_name == SPEC_FILE and e.type == pyarrow.fs.FileType.File for e in entries):
+        return
+    raise ConfigError(f"--fresh will not delete {folder}: it holds no cmx sweep (no {SPEC_FILE})", hint)
+
+
+def check_trusted(root: str, folder: str) -> None:
+    """Refuse local sweep storage others can write: resuming unpickles Tune's state from it, so
+    whoever can write there can run code on the driver (docs/scaling.md, Who can write the storage).
+
+    A world-writable storage root is accepted only with the sticky bit (as /tmp has): others can
+    then add folders but not replace this sweep's.
+    """
+    if is_uri(root):
+        return
+    for place, label in ((Path(root), "storage folder"), (Path(folder), "sweep folder")):
+        if not place.is_dir():
+            continue
+        mode = place.stat().st_mode
+        if mode & stat.S_IWOTH and not (label == "storage folder" and mode & stat.S_ISVTX):
+            raise ConfigError(
+                f"{label} {place} is world-writable: anyone could plant state this sweep runs on resume",
+                f"chmod o-w {place} (whoever can write a sweep's storage can run code on the driver)",
+            )
 
 
 def experiment_root(spec: SweepSpec) -> str:

@@ -22,7 +22,9 @@ from typing import Any
 
 from ray import tune
 
+from cmx.core.errors import ConfigError
 from cmx.core.files import atomic_path, atomic_write_text
+from cmx.core.paths import safe_child
 
 log = logging.getLogger("cmx.sweep")
 
@@ -92,8 +94,11 @@ def current_backup(experiment_dir: Path) -> Path | None:
     pointer = experiment_dir / BACKUP_DIR / CURRENT_FILE
     if not pointer.is_file():
         return None
-    target = pointer.parent / pointer.read_text().strip()
-    return target if target.is_dir() else None
+    try:  # the pointer's content becomes a path: it must name a set inside BACKUP_DIR
+        target = safe_child(pointer.parent, pointer.read_text(errors="replace").strip(), f"{pointer}: backup set")
+    except ConfigError as e:
+        raise ValueError(e.message) from None
+    return target if target.is_dir() and not target.is_symlink() else None
 
 
 def repair_torn_state(experiment_dir: str | Path) -> list[str]:

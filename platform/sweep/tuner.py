@@ -30,6 +30,8 @@ from cmx.sweep.results import SweepOutcome, expected_trials, summarise
 from cmx.sweep.storage import (
     SOURCE_FILE,
     SPEC_FILE,
+    check_removable,
+    check_trusted,
     experiment_path,
     experiment_root,
     read_text,
@@ -144,6 +146,9 @@ def run_sweep(
     # Check what needs no cluster before Ray starts (the tracking store included).
     plan_resources(spec, [local_capacity()] if address is None else [NodeCapacity("?", "?", 1e9, 1e9)])
     path = experiment_path(spec)
+    check_trusted(experiment_root(spec), path)
+    if fresh:
+        check_removable(path)
     callbacks = [
         *(callbacks or []),
         *_tracking_callbacks(spec, path, source_text),
@@ -242,6 +247,7 @@ def _prepare_experiment_dir(spec: SweepSpec, path: str, source_text: str, fresh:
                 )
         return True
     if fresh:
+        check_removable(path)
         remove_dir(path)
     write_text(path, SPEC_FILE, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     write_text(path, SOURCE_FILE, source_text)

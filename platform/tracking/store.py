@@ -22,7 +22,7 @@ import mlflow
 
 from cmx.core.errors import TrackingError
 from cmx.core.paths import cmx_home
-from cmx.core.uris import is_uri
+from cmx.core.uris import check_tracking_uri, is_uri
 
 log = logging.getLogger("cmx.tracking")
 
@@ -62,6 +62,7 @@ def resolve_uri(uri: str | None = None) -> str:
     """The tracking URI: the argument, else `$MLFLOW_TRACKING_URI`, else sqlite under `$CMX_HOME`."""
     chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if chosen:
+        check_tracking_uri(chosen, "tracking URI" if uri else "MLFLOW_TRACKING_URI")
         if not is_uri(chosen):  # a bare path means a local sqlite file
             return f"sqlite:///{Path(chosen).expanduser().resolve()}"
         return chosen
