@@ -204,7 +204,54 @@ def read_sidecar(beton: str | Path) -> dict[str, Any] | None:
         raise DataError(f"{p}: unreadable sidecar ({e})", "delete it and re-run `cmx data convert`") from None
     if not isinstance(data, dict) or not isinstance(data.get("class_names"), list):
         raise DataError(f"{p}: sidecar has no class_names", "re-run `cmx data convert`")
+    _check_sidecar_types(p, data)
     return data
+
+
+# key -> (accepted types, in words): what `convert_image_folder` writes. A hand-edited or foreign
+# sidecar fails as one DataError naming the key, not as a TypeError in a later sum or format.
+_SIDECAR_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "num_samples": ((int,), "an integer"),
+    "file_bytes": ((int,), "an integer"),
+    "cmx_sidecar_version": ((int,), "an integer"),
+    "grayscale": ((bool,), "true or false"),
+    "class_to_idx": ((dict,), "an object"),
+    "class_counts": ((dict,), "an object"),
+    "source_width": ((dict,), "an object"),
+    "source_height": ((dict,), "an object"),
+    "write_options": ((dict,), "an object"),
+    "skipped": ((list,), "a list"),
+    "skipped_links": ((list,), "a list"),
+    "source": ((str,), "a string"),
+    "created": ((str,), "a string"),
+}
+
+
+def _check_sidecar_types(p: Path, data: dict[str, Any]) -> None:
+    def bad(key: str, value: Any, words: str) -> DataError:
+        shown = json.dumps(value)[:40]
+        return DataError(f"{p}: {key} is {shown}, expected {words}", "delete it and re-run `cmx data convert`")
+
+    for key, (types, words) in _SIDECAR_TYPES.items():
+        if key not in data:
+            continue
+        value = data[key]
+        is_bool = isinstance(value, bool)
+        if not isinstance(value, types) or (is_bool and bool not in types):
+            raise bad(key, value, words)
+        if key in ("num_samples", "file_bytes") and data[key] < 0:
+            raise bad(key, value, "a count >= 0")
+    names = data["class_names"]
+    if not all(isinstance(c, str) and c for c in names):
+        raise bad("class_names", names, "a list of non-empty strings")
+    if len(set(names)) != len(names):
+        raise bad("class_names", names, "a list of distinct names")
+    for key in ("source_width", "source_height"):
+        stats = data.get(key, {"min": 0, "max": 0})
+        if not all(
+            isinstance(stats.get(k), (int, float)) and not isinstance(stats.get(k), bool) for k in ("min", "max")
+        ):
+            raise bad(key, stats, "an object with numeric min and max")
 
 
 def _labels_field(bf: BetonFile) -> str | None:
@@ -226,7 +273,7 @@ def dataset_info(path: str | Path) -> DatasetInfo:
     labels = bf.field_values(label_field).astype(np.int64) if label_field else np.zeros(0, np.int64)
     if side is not None:
         names = [str(c) for c in side["class_names"]]
-        if int(side.get("num_samples", bf.num_samples)) != bf.num_samples:
+        if side.get("num_samples", bf.num_samples) != bf.num_samples:
             raise DataError(
                 f"{sidecar_path(path)}: says {side.get('num_samples')} samples, {path.name} has {bf.num_samples}",
                 "the two files are from different conversions; re-run `cmx data convert`",
@@ -472,6 +519,7 @@ class ConversionReport:
     ignored: list[str]  # files without an image extension
     seconds: float
     file_bytes: int
+    skipped_links: list[str] = field(default_factory=list)  # linked folders not followed (loops, repeats)
 
 
 def _check_all(paths: list[Path], workers: int, progress: bool) -> list[ImageCheck]:
@@ -588,6 +636,7 @@ def convert_image_folder(
             "source_width": _stats(widths),
             "source_height": _stats(heights),
             "skipped": [{"path": p, "reason": r} for p, r in skipped],
+            "skipped_links": [str(p) for p in scan.skipped_links],
             "write_options": {
                 "max_resolution": max_resolution,
                 "write_mode": write_mode,
@@ -609,6 +658,7 @@ def convert_image_folder(
         ignored=[str(p) for p in scan.ignored],
         seconds=time.perf_counter() - start,
         file_bytes=out.stat().st_size,
+        skipped_links=[str(p) for p in scan.skipped_links],
     )
 
 

@@ -104,9 +104,55 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{file}: not a cmx checkpoint (missing keys)")
+    _check_types(file, state)
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{file}: checkpoint format {state['format_version']} is newer than this cmx ({FORMAT_VERSION})",
             "upgrade cmx",
         )
     return state
+
+
+# key -> (expected types, in words); a checkpoint edited or written by another tool fails here,
+# as one CheckpointError, rather than as a TypeError deep inside a resume or an evaluation.
+_KEY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "format_version": ((int,), "an integer"),
+    "epoch": ((int,), "an integer"),
+    "step": ((int,), "an integer"),
+    "num_classes": ((int,), "an integer"),
+    "model": ((dict,), "a dict of tensors"),
+    "config": ((dict,), "a dict"),
+    "class_names": ((list,), "a list"),
+}
+
+
+def _check_types(file: Path, state: dict[str, Any]) -> None:
+    """Every known key holds the type cmx wrote (bool is no integer here)."""
+    for key, (types, words) in _KEY_TYPES.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise CheckpointError(
+                f"{file}: not a cmx checkpoint ({key} is {type(value).__name__} {str(value)[:40]!r}, expected {words})",
+                "use a checkpoint written by `cmx train`",
+            )
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise CheckpointError(f"{file}: not a cmx checkpoint (model weights are not all tensors)")
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], file: str | Path) -> None:
+    """`model.load_state_dict(weights)`; a checkpoint of another model or size is one CheckpointError."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        # torch lists every mismatch on its own line: name the first and count them.
+        detail = next(
+            (ln for ln in lines[1:] if "size mismatch" in ln or "Missing" in ln or "Unexpected" in ln), lines[0]
+        )
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise CheckpointError(
+            f"{file}: weights do not fit the model ({detail[:200]}{more})",
+            "the checkpoint belongs to another model or size; use its run's own config",
+        ) from None

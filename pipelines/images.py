@@ -39,6 +39,9 @@ class FolderScan:
     class_names: list[str]
     samples: list[tuple[Path, int]]
     ignored: list[Path] = field(default_factory=list)  # files without an image extension
+    # Linked folders not followed: a symlink loop (`self -> .`) or a second link to a folder
+    # already scanned, whose images would otherwise be counted again (or forever).
+    skipped_links: list[Path] = field(default_factory=list)
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -63,7 +66,39 @@ def find_classes(root: str | Path) -> list[str]:
             f"{root}: no class folders found",
             "an ImageFolder has one sub-folder per class: ROOT/<class>/<image>",
         )
+    if len(classes) < 2:
+        raise DataError(
+            f"{root}: only one class folder ({classes[0]}); a classifier needs at least two",
+            "add a folder per class under ROOT (is ROOT one level too deep?)",
+        )
     return classes
+
+
+def _walk_once(top: Path, seen: set[str], skipped: list[Path]) -> Iterator[tuple[str, list[str]]]:
+    """`os.walk(top)` following links, each real folder once; hidden folders pruned.
+
+    A linked folder whose real path was already visited (a loop, or the same folder twice) is not
+    entered: it is listed in `skipped` instead.
+    """
+    real = os.path.realpath(top)
+    if real in seen:
+        skipped.append(top)
+        return
+    seen.add(real)
+    for dirpath, dirnames, fnames in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            sub = os.path.join(dirpath, d)
+            sub_real = os.path.realpath(sub)
+            if sub_real in seen:
+                skipped.append(Path(sub))
+                continue
+            seen.add(sub_real)
+            keep.append(d)
+        dirnames[:] = keep
+        yield dirpath, fnames
 
 
 def scan_image_folder(root: str | Path) -> FolderScan:
@@ -73,12 +108,11 @@ def scan_image_folder(root: str | Path) -> FolderScan:
     extensions = image_extensions()
     samples: list[tuple[Path, int]] = []
     ignored: list[Path] = []
+    skipped_links: list[Path] = []
+    seen: set[str] = {os.path.realpath(root)}  # a link back to ROOT would re-scan every class
     for label, name in enumerate(classes):
         found = 0
-        for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True)):
-            rel = Path(dirpath).relative_to(root)
-            if any(part.startswith(".") for part in rel.parts):
-                continue
+        for dirpath, fnames in sorted(_walk_once(root / name, seen, skipped_links)):
             for fname in sorted(fnames):
                 path = Path(dirpath) / fname
                 if fname.startswith("."):  # .DS_Store, AppleDouble "._x.jpg" files
@@ -88,12 +122,17 @@ def scan_image_folder(root: str | Path) -> FolderScan:
                     found += 1
                 else:
                     ignored.append(path)
+        if not found and skipped_links and skipped_links[-1] == root / name:
+            raise DataError(
+                f"{root / name}: links to a folder already scanned as another class",
+                "every class needs a folder of its own images",
+            )
         if not found:
             raise DataError(
                 f"{root / name}: class folder has no image files",
                 "remove the empty folder or add images (every folder under ROOT is a class)",
             )
-    return FolderScan(root=root, class_names=classes, samples=samples, ignored=ignored)
+    return FolderScan(root=root, class_names=classes, samples=samples, ignored=ignored, skipped_links=skipped_links)
 
 
 @contextmanager

@@ -37,6 +37,7 @@ from cmx.pipelines import distributed as dist
 from cmx.pipelines.checkpoint import (
     CHECKPOINT_FILE,
     load_checkpoint,
+    load_weights,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
@@ -757,12 +758,20 @@ def train(
         seed_everything(config.loop.seed + rt.rank)
         train_loader = create_train_loader(config, rt)
         val_loader = create_val_loader(config.data, rt, config.loop.seed)
+        check_same_classes(
+            config.data.train_path, train_loader.class_names, config.data.val_path, val_loader.class_names
+        )
         torch.set_num_threads(rt.threads)  # FFCV's Loader() sets it to its worker count
         steps = len(train_loader)
         if steps == 0:
             raise DataError(
                 f"{config.data.train_path}: fewer samples than one batch of {config.data.batch_size}",
                 "lower data.batch_size or set data.drop_last=false",
+            )
+        if train_loader.num_classes < 2:
+            raise DataError(
+                f"{config.data.train_path}: {train_loader.num_classes} class(es); a classifier needs at least two",
+                "train on data with a folder per class",
             )
         parts = build_parts(config, rt, train_loader.num_classes, steps)
         class_names = list(train_loader.class_names)
@@ -791,6 +800,32 @@ def train(
             (run.root / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=1))
             display.say(message)
         return result
+
+
+def check_same_classes(train_path: Any, train_names: Any, val_path: Any, val_names: Any) -> None:
+    """Train and val must name the same classes in the same order (label i means one class)."""
+    train_names, val_names = [str(c) for c in train_names], [str(c) for c in val_names]
+    if train_names == val_names:
+        return
+    only_train = [c for c in train_names if c not in val_names]
+    only_val = [c for c in val_names if c not in train_names]
+    if only_train or only_val:
+        diff = "; ".join(
+            part
+            for part in (
+                f"only in train: {', '.join(only_train[:5])}" + (" ..." if len(only_train) > 5 else "")
+                if only_train
+                else "",
+                f"only in val: {', '.join(only_val[:5])}" + (" ..." if len(only_val) > 5 else "") if only_val else "",
+            )
+            if part
+        )
+    else:
+        diff = "same classes in another order"
+    raise DataError(
+        f"{train_path} and {val_path} have different classes ({diff})",
+        "give both splits the same class folders (or convert them from folders that have)",
+    )
 
 
 def _run_epochs(
@@ -918,7 +953,7 @@ def evaluate(
         weights = state["model"]
         if use_ema and state.get("ema"):
             weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-        model.load_state_dict(weights)
+        load_weights(model, weights, checkpoint)
         model.to(rt.device).to(memory_format=_memory_format(config))
         out = val_loop(model, loader, rt, channels_last=config.loop.channels_last)
         out["num_samples"] = float(loader.num_samples)

@@ -39,7 +39,7 @@ def test_scan_skips_hidden_and_lists_non_images(tmp_path: Path) -> None:
     [
         (lambda r: None, "image folder not found"),
         (lambda r: r.mkdir(), "no class folders"),
-        (lambda r: (r / "a").mkdir(parents=True), "class folder has no image files"),
+        (lambda r: [(r / c).mkdir(parents=True) for c in "ab"], "class folder has no image files"),
     ],
 )
 def test_scan_errors(tmp_path: Path, setup, message: str) -> None:

@@ -123,6 +123,11 @@ def convert(
     click.echo(f"classes: {report.sidecar}")
     if report.ignored:
         click.echo(f"ignored {len(report.ignored)} non-image file(s)")
+    if report.skipped_links:
+        click.echo(
+            f"skipped {len(report.skipped_links)} linked folder(s) already scanned (symlink loops or repeats), "
+            f"e.g. {report.skipped_links[0]}"
+        )
     if report.skipped:
         click.secho(f"skipped {len(report.skipped)} unreadable image(s):", fg="yellow", err=True)
         for path, reason in report.skipped:

@@ -18,7 +18,7 @@ from mlflow.pyfunc import PythonModel
 
 from cmx.core.config import TrainConfig, dump_yaml
 from cmx.models import create_model
-from cmx.pipelines.checkpoint import load_checkpoint
+from cmx.pipelines.checkpoint import load_checkpoint, load_weights
 from cmx.tracking.provenance import package_version
 
 
@@ -35,7 +35,7 @@ class ConvMixerPyfunc(PythonModel):
         weights = state["model"]
         if state.get("ema"):  # what validation used, as in `cmx eval`
             weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-        model.load_state_dict(weights)
+        load_weights(model, weights, context.artifacts["checkpoint"])
         self.model = model.eval()
         self.torch = torch
 

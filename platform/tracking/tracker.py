@@ -284,9 +284,7 @@ class Tracker:
 
     def pending(self) -> int:
         """Calls waiting in the journal."""
-        if not self.journal_file.is_file():
-            return 0
-        return sum(1 for line in self.journal_file.read_text().splitlines() if line.strip())
+        return len(self._read_journal())
 
     def flush(self, *, force: bool = False) -> bool:
         """Deliver journaled calls in order; True when the journal is empty.
@@ -295,6 +293,7 @@ class Tracker:
         """
         ops = self._read_journal()
         if not ops:
+            self._rewrite_journal([])  # nothing deliverable left (at most a torn line): drop the file
             return True
         if not force and time.monotonic() < self._offline_until:
             return False
@@ -385,7 +384,9 @@ class Tracker:
         ops = []
         for line in self.journal_file.read_text().splitlines():
             with contextlib.suppress(json.JSONDecodeError):  # a torn last line after a crash
-                ops.append(json.loads(line))
+                op = json.loads(line)
+                if isinstance(op, dict) and isinstance(op.get("op"), str):  # `replay` reports other lines
+                    ops.append(op)
         return ops
 
     def _rewrite_journal(self, ops: list[dict[str, Any]]) -> None:
@@ -507,11 +508,102 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "experiment"
 
 
+# op -> {field: (accepted types, in words)}: what `Tracker` journals. `replay` checks every line
+# against it before delivering anything, so a damaged journal is one TrackingError naming the line.
+_STR, _DICT, _LIST, _INT = (str,), (dict,), (list,), (int,)
+_OP_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
+    "start": {"key": (_STR, "a string"), "tags": (_DICT, "an object"), "ts": (_INT, "an integer")},
+    "log": {
+        "key": (_STR, "a string"),
+        "metrics": (_LIST, "a list"),
+        "params": (_DICT, "an object"),
+        "tags": (_DICT, "an object"),
+    },
+    "end": {
+        "key": (_STR, "a string"),
+        "status": (_STR, "a string"),
+        "tags": (_DICT, "an object"),
+        "ts": (_INT, "an integer"),
+    },
+    "artifact": {"key": (_STR, "a string"), "local": (_STR, "a string")},
+    "delete": {"key": (_STR, "a string"), "path": (_STR, "a string")},
+    "delete_run": {"key": (_STR, "a string")},
+    "register": {
+        "key": (_STR, "a string"),
+        "id": (_STR, "a string"),
+        "name": (_STR, "a string"),
+        "path": (_STR, "a string"),
+        "tags": (_DICT, "an object"),
+        "description": (_STR, "a string"),
+    },
+}
+
+
+def _journal_problem(op: Any) -> str | None:
+    """Why one journal entry cannot be delivered, or None."""
+    if not isinstance(op, dict):
+        return f"a JSON {type(op).__name__}, not an object"
+    kind = op.get("op")
+    if kind not in _OP_FIELDS:
+        return f"unknown op {json.dumps(kind)[:40]}"
+    for name, (types, words) in _OP_FIELDS[kind].items():
+        value = op.get(name)
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"{kind}: {name} is {json.dumps(value)[:40]}, expected {words}"
+    if kind == "log":
+        for row in op["metrics"]:
+            ok = isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
+            if not ok or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row[1:]):
+                return f"log: metric row {json.dumps(row)[:40]} is not [name, value, timestamp, step]"
+    return None
+
+
+def check_journal(state_dir: str | Path) -> None:
+    """`TrackingError` naming the first damaged line of a directory's state file or journal.
+
+    A torn last line (the writer was killed mid-write) is not damage: delivery skips it.
+    """
+    path = Path(state_dir).expanduser()
+    state_file, journal = path / STATE_FILE, path / JOURNAL_FILE
+    hint = "fix or delete that line (the other calls stay pending), or move the file aside"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrackingError(f"{state_file}: unreadable ({short(str(e), 120)})", "move the file aside") from None
+    if not isinstance(state, dict) or not isinstance(state.get("runs", {}), dict):
+        raise TrackingError(f"{state_file}: not a cmx tracking state (expected an object with runs)", "move it aside")
+    for key in ("uri", "session", "experiment_id", "experiment"):
+        if state.get(key) is not None and not isinstance(state[key], str):
+            raise TrackingError(
+                f"{state_file}: {key} is {json.dumps(state[key])[:40]}, expected a string", "move it aside"
+            )
+    if not journal.is_file():
+        return
+    try:
+        text = journal.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrackingError(f"{journal}: unreadable ({short(str(e), 120)})", "move the file aside") from None
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            op = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                continue  # torn last line
+            raise TrackingError(f"{journal}:{number}: not JSON ({short(line, 60)})", hint) from None
+        problem = _journal_problem(op)
+        if problem:
+            raise TrackingError(f"{journal}:{number}: {problem}", hint)
+
+
 def replay(state_dir: str | Path, uri: str | None = None) -> tuple[int, int]:
     """Deliver what a sweep or run directory's journal holds; returns (delivered, still pending)."""
     path = Path(state_dir).expanduser()
     if not (path / STATE_FILE).is_file():
         raise TrackingError(f"{path}: no {STATE_FILE} here", "pass a sweep directory or a `cmx train` run directory")
+    check_journal(path)
     tracker = Tracker(path, uri)
     before = tracker.pending()
     if before and is_server_uri(tracker.uri):
