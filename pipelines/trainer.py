@@ -32,6 +32,7 @@ from cmx.core import metrics as M
 from cmx.core.config import DataConfig, TrainConfig, dump_yaml
 from cmx.core.errors import CheckpointError, ConfigError, DataError
 from cmx.core.metrics import TrialStatus
+from cmx.core.uris import is_uri
 from cmx.models import create_model
 from cmx.pipelines import distributed as dist
 from cmx.pipelines.checkpoint import (
@@ -219,6 +220,14 @@ def _require(path: str | None, key: str) -> str:
     if not path:
         raise ConfigError(f"{key} is not set", f"set it in the config file or with --set {key}=PATH")
     return path
+
+
+def check_data_paths(data: DataConfig) -> None:
+    """Both splits are set and, when local, exist: checked before a run folder or MLflow run is made."""
+    for key in ("train_path", "val_path"):
+        path = _require(getattr(data, key), f"data.{key}")
+        if not is_uri(path) and not Path(path).expanduser().exists():
+            raise DataError(f"data.{key}: {path} does not exist", "fix the path, or export the data first")
 
 
 def create_train_loader(config: TrainConfig, rt: Runtime) -> Any:

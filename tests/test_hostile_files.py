@@ -275,3 +275,14 @@ def test_sweep_range_within_the_limits_plans(tmp_path: Path) -> None:
     path = sweep_file(tmp_path, f"model.depth: {{type: int, low: 2, high: {MAX_DEPTH}}}")
     out = run_cmx("sweep", "--dry-run", "--space", str(path), home=tmp_path / "home", timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_sweep_list_skips_a_damaged_sweep_and_names_it(tmp_path: Path) -> None:
+    storage = tmp_path / "sweeps"
+    (storage / "bad").mkdir(parents=True)
+    (storage / "bad" / "cmx-sweep.yaml").write_text("name: bad\nspace: {a: 1}\nspace: {b: 2}\n")
+    out = run_cmx("sweep", "list", "--storage", str(storage), home=tmp_path / "home")
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("skipped:") and "bad/cmx-sweep.yaml" in lines[0], out.stderr
+    assert "duplicate key 'space'" in lines[0] and "Traceback" not in out.stderr

@@ -257,7 +257,10 @@ def list_command(storage: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rows = list_sweeps(storage)
+    unreadable: list[ConfigError] = []
+    rows = list_sweeps(storage, unreadable)
+    for e in unreadable:
+        click.secho(f"skipped: {e.one_line()}", err=True, fg="yellow")
     if not rows:
         click.echo("no sweeps yet; start one with: cmx sweep --space examples/search.yaml")
         return

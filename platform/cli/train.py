@@ -105,6 +105,9 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
             raise ConfigError(
                 f"{run_dir} already holds a run", f"continue it with --resume {run_dir}, or pick another --run-dir"
             )
+    from cmx.pipelines.trainer import check_data_paths
+
+    check_data_paths(config.data)  # before the run folder and the MLflow run exist
     run_dir = run_dir.expanduser().resolve()
     console.print(f"run dir: {run_dir}", soft_wrap=True)
     if tracking:

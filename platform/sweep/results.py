@@ -186,12 +186,20 @@ def pareto_front(spec: SweepSpec, rows: list[TrialRow]) -> list[TrialRow]:
     return front
 
 
-def list_sweeps(root: str | None = None) -> list[SweepStatus]:
-    """Sweeps under the storage root, newest first, read from disk (no Ray start)."""
+def list_sweeps(root: str | None = None, unreadable: list[ConfigError] | None = None) -> list[SweepStatus]:
+    """Sweeps under the storage root, newest first, read from disk (no Ray start).
+
+    A sweep whose saved spec cannot be read is left out (its error appended to `unreadable`), so
+    one damaged folder does not hide the others.
+    """
     base = Path(root or sweeps_dir())
     out = []
     for spec_file in sorted(base.glob(f"*/{SPEC_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True):
-        out.append(sweep_status(spec_file.parent))
+        try:
+            out.append(sweep_status(spec_file.parent))
+        except ConfigError as e:
+            if unreadable is not None:
+                unreadable.append(e)
     return out
 
 
