@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from cmx.core.errors import ConfigError, DataError
-from cmx.core.files import atomic_path, atomic_write_text
+from cmx.core.files import atomic_path, atomic_write_text, read_json
 from cmx.pipelines.ffcv_compat import ffcv_imported, watched_writer_class
 from cmx.pipelines.images import (
     FolderScan,
@@ -198,10 +198,7 @@ def read_sidecar(beton: str | Path) -> dict[str, Any] | None:
     p = sidecar_path(beton)
     if not p.is_file():
         return None
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{p}: unreadable sidecar ({e})", "delete it and re-run `cmx data convert`") from None
+    data = read_json(p, what="sidecar", error=DataError, hint="delete it and re-run `cmx data convert`")
     if not isinstance(data, dict) or not isinstance(data.get("class_names"), list):
         raise DataError(f"{p}: sidecar has no class_names", "re-run `cmx data convert`")
     _check_sidecar_types(p, data)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmx.core.errors import DataError
-from cmx.core.files import atomic_write_text, file_lock, fsync_file, leftover_temps
+from cmx.core.files import atomic_write_text, file_lock, fsync_file, leftover_temps, read_json
 from cmx.core.uris import is_uri
 
 META_SUFFIX = ".cmx-cache.json"
@@ -84,8 +84,9 @@ def fetch_to_cache(source: str | Path, cache_dir: str | Path) -> CacheResult:
     with file_lock(cache / (name + ".lock")):
         signature = _source_signature(filesystem, src_path)
         if dest.exists() and meta_path.exists():
-            with contextlib.suppress(ValueError, OSError):
-                if json.loads(meta_path.read_text()).get("signature") == signature:
+            with contextlib.suppress(DataError):  # a damaged meta file only means a fresh copy
+                meta = read_json(meta_path, what="cache meta", error=DataError, hint="")
+                if isinstance(meta, dict) and meta.get("signature") == signature:
                     return CacheResult(dest, False, time.monotonic() - started, int(signature["size"]))  # type: ignore[call-overload]
         _remove_leftovers(cache, name)
         need = int(signature["size"])  # type: ignore[call-overload]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cmx.core.errors import ConfigError, DataError
+from cmx.core.files import read_json
 from cmx.pipelines.beton import _progress, convert_image_folder, sidecar_path
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -148,9 +149,14 @@ def export_fashion_mnist(
     train_dir, val_dir = out_dir / "train", out_dir / "val"
     train_beton, val_beton = out_dir / "train.beton", out_dir / "val.beton"
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        # A damaged marker only means the export is done again.
+        try:
+            done = read_json(marker, what="export marker", error=DataError, hint="")
+        except DataError:
+            done = None
         if (
-            done.get("params") == params
+            isinstance(done, dict)
+            and done.get("params") == params
             and train_dir.is_dir()
             and val_dir.is_dir()
             and (not write_betons or (train_beton.is_file() and val_beton.is_file()))

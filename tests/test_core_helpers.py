@@ -102,3 +102,25 @@ def test_checked_version_range() -> None:
             "cmx-no-such-dist", "Nope", ((0,), (1,)), DataError, missing_hint="install it", install_hint="-"
         )
     assert e.value.hint == "install it"
+
+
+def test_read_json_names_the_file_for_every_kind_of_damage(tmp_path: Path) -> None:
+    from cmx.core.errors import DataError
+    from cmx.core.files import read_json
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": 1}')
+    assert read_json(good, what="sidecar", error=DataError, hint="fix it") == {"a": 1}
+    cases = {
+        "binary.json": (b"\xff\xfe\x00", "unreadable sidecar"),
+        "broken.json": (b'{"a": ', "unreadable sidecar"),
+        "big.json": (b"[" + b"0," * 600 + b"0]", "over the 1,000-byte limit"),
+    }
+    for name, (content, needle) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError) as e:
+            read_json(path, what="sidecar", error=DataError, hint="fix it", limit=1000)
+        assert str(path) in e.value.message and needle in e.value.message and e.value.hint == "fix it"
+    with pytest.raises(DataError, match="unreadable sidecar"):
+        read_json(tmp_path / "missing.json", what="sidecar", error=DataError, hint="fix it")

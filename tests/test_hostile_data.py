@@ -396,3 +396,19 @@ def test_replay_of_a_truncated_journal_drops_only_the_torn_line(tmp_path: Path) 
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     assert "delivered 0 journaled call(s)" in res.stdout
     assert not (d / "cmx-mlflow-journal.jsonl").exists()
+
+
+def test_binary_sidecar_is_one_line(small_beton: Path, tmp_path: Path) -> None:
+    beton = beton_copy(small_beton, tmp_path)
+    side_file = tmp_path / "copy.beton.json"
+    side_file.write_bytes(b"\xff\xfe\x00binary" * 10)
+    for command in ("inspect", "verify"):
+        res = run_cmx("data", command, str(beton), home=tmp_path / "home", timeout=60)
+        one_error_line(res, str(side_file), "unreadable sidecar")
+
+
+def test_binary_tracking_state_is_one_line(tmp_path: Path) -> None:
+    d = _tracking_dir(tmp_path, None, {"runs": {}})
+    (d / "cmx-mlflow.json").write_bytes(b"\xff\xfe\x00 not json")
+    res = run_cmx("runs", "replay", str(d), home=tmp_path / "home", timeout=60)
+    one_error_line(res, "cmx-mlflow.json", "unreadable tracking state")

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from cmx.core.errors import CmxError
 
 
 @contextlib.contextmanager
@@ -77,3 +81,19 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json(path: str | Path, *, what: str, error: type[CmxError], hint: str, limit: int = 256 << 20) -> Any:
+    """A JSON file cmx wrote (sidecar, state, marker), read defensively: size checked before
+    reading, UTF-8, valid JSON; anything else is one `error(message, hint)` naming the file."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise error(f"{p}: {what} is {size:,} bytes, over the {limit:,}-byte limit", hint)
+        with p.open("rb") as f:
+            text = f.read(limit + 1).decode("utf-8")
+        return json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:120]
+        raise error(f"{p}: unreadable {what} ({reason})", hint) from None

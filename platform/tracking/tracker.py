@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cmx.core.errors import TrackingError
-from cmx.core.files import atomic_write_text
+from cmx.core.files import atomic_write_text, read_json
 from cmx.core.metrics import TrialStatus
 from cmx.tracking.store import (
     PARENT_TAG,
@@ -90,7 +90,11 @@ class Tracker:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.dir / STATE_FILE
         self.journal_file = self.dir / JOURNAL_FILE
-        saved = json.loads(self.state_file.read_text()) if self.state_file.is_file() else None
+        saved = None
+        if self.state_file.is_file():
+            saved = read_json(self.state_file, what="tracking state", error=TrackingError, hint="move the file aside")
+            if not isinstance(saved, dict):
+                raise TrackingError(f"{self.state_file}: not a cmx tracking state", "move the file aside")
         self.uri = resolve_uri(uri or (saved or {}).get("uri"))
         if saved is not None and saved.get("uri") != self.uri:
             # Run ids of another store mean nothing here: start over, keep the old file to inspect.
@@ -566,10 +570,7 @@ def check_journal(state_dir: str | Path) -> None:
     path = Path(state_dir).expanduser()
     state_file, journal = path / STATE_FILE, path / JOURNAL_FILE
     hint = "fix or delete that line (the other calls stay pending), or move the file aside"
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrackingError(f"{state_file}: unreadable ({short(str(e), 120)})", "move the file aside") from None
+    state = read_json(state_file, what="tracking state", error=TrackingError, hint="move the file aside")
     if not isinstance(state, dict) or not isinstance(state.get("runs", {}), dict):
         raise TrackingError(f"{state_file}: not a cmx tracking state (expected an object with runs)", "move it aside")
     for key in ("uri", "session", "experiment_id", "experiment"):
