@@ -31,6 +31,7 @@ from torch import nn
 from cmx.core import metrics as M
 from cmx.core.config import DataConfig, TrainConfig, dump_yaml
 from cmx.core.errors import CheckpointError, ConfigError, DataError
+from cmx.core.files import read_json, read_utf8
 from cmx.core.metrics import TrialStatus
 from cmx.core.uris import is_uri
 from cmx.models import create_model
@@ -641,7 +642,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = read_utf8(path, what="metrics log", error=DataError, hint="the run folder is damaged: start a new run")
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{number}: not JSON", "the run folder is damaged: start a new run") from None
+    return rows
 
 
 def read_result(run_dir: str | Path) -> TrainResult | None:
@@ -649,7 +658,8 @@ def read_result(run_dir: str | Path) -> TrainResult | None:
     path = Path(run_dir) / RESULT_FILE
     if not path.is_file():
         return None
-    return TrainResult.from_json(json.loads(path.read_text()))
+    data = read_json(path, what="run result", error=DataError, hint="the run folder is damaged: start a new run")
+    return TrainResult.from_json(data)
 
 
 # ----------------------------------------------------------------------------- progress

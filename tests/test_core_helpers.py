@@ -124,3 +124,18 @@ def test_read_json_names_the_file_for_every_kind_of_damage(tmp_path: Path) -> No
         assert str(path) in e.value.message and needle in e.value.message and e.value.hint == "fix it"
     with pytest.raises(DataError, match="unreadable sidecar"):
         read_json(tmp_path / "missing.json", what="sidecar", error=DataError, hint="fix it")
+
+
+def test_run_logs_that_are_damaged_are_one_data_error(tmp_path: Path) -> None:
+    from cmx.core.errors import DataError
+    from cmx.pipelines.trainer import read_metrics, read_result
+
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"epoch": 1}\n\xff\xfe binary\n')
+    with pytest.raises(DataError, match="unreadable metrics log"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": \n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: not JSON"):
+        read_metrics(tmp_path)
+    (tmp_path / "result.json").write_bytes(b"\x00\xff")
+    with pytest.raises(DataError, match="unreadable run result"):
+        read_result(tmp_path)

@@ -83,17 +83,26 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def read_json(path: str | Path, *, what: str, error: type[CmxError], hint: str, limit: int = 256 << 20) -> Any:
-    """A JSON file cmx wrote (sidecar, state, marker), read defensively: size checked before
-    reading, UTF-8, valid JSON; anything else is one `error(message, hint)` naming the file."""
+def read_utf8(path: str | Path, *, what: str, error: type[CmxError], hint: str, limit: int = 256 << 20) -> str:
+    """A text file cmx wrote (a JSON-lines log, a journal), read defensively: size checked before
+    reading, UTF-8; anything else is one `error(message, hint)` naming the file."""
     p = Path(path)
     try:
         size = p.stat().st_size
         if size > limit:
             raise error(f"{p}: {what} is {size:,} bytes, over the {limit:,}-byte limit", hint)
         with p.open("rb") as f:
-            text = f.read(limit + 1).decode("utf-8")
-        return json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            return f.read(limit + 1).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:120]
         raise error(f"{p}: unreadable {what} ({reason})", hint) from None
+
+
+def read_json(path: str | Path, *, what: str, error: type[CmxError], hint: str, limit: int = 256 << 20) -> Any:
+    """A JSON file cmx wrote (sidecar, state, marker), read like `read_utf8` and parsed; a file that
+    is not JSON is the same one-line `error`."""
+    text = read_utf8(path, what=what, error=error, hint=hint, limit=limit)
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{Path(path)}: unreadable {what} ({' '.join(str(e).split())[:120]})", hint) from None

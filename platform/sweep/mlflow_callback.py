@@ -23,6 +23,8 @@ from ray import tune
 from cmx.cluster.ray_compat import checkpoint_manager
 from cmx.core import metrics as M
 from cmx.core.config import dump_yaml
+from cmx.core.errors import TrackingError
+from cmx.core.files import read_utf8
 from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED, TrialStatus, better
 from cmx.core.paths import cmx_home
 from cmx.core.search_space import decode_params
@@ -440,7 +442,8 @@ class MLflowTrackingCallback(tune.Callback):
         history: dict[str, list[dict[str, float]]] = {}
         path = self.experiment_dir / HISTORY_FILE
         if path.is_file():
-            for line in path.read_text().splitlines():
+            text = read_utf8(path, what="epoch history", error=TrackingError, hint="move it aside")
+            for line in text.splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:

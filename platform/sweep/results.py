@@ -15,7 +15,8 @@ import yaml
 
 from cmx.core import metrics
 from cmx.core.config import load_yaml, validate_config
-from cmx.core.errors import ConfigError
+from cmx.core.errors import ConfigError, DataError
+from cmx.core.files import read_utf8
 from cmx.core.metrics import DIVERGED, REJECTED, TrialStatus, better
 from cmx.core.paths import sweeps_dir
 from cmx.core.search_space import decode_params, grid_size
@@ -251,7 +252,8 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    text = read_utf8(path, what="trial results", error=DataError, hint="move the trial folder aside")
+    for line in text.splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             rows.append(json.loads(line))
     return rows

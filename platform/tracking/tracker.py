@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cmx.core.errors import TrackingError
-from cmx.core.files import atomic_write_text, read_json
+from cmx.core.files import atomic_write_text, read_json, read_utf8
 from cmx.core.metrics import TrialStatus
 from cmx.tracking.store import (
     PARENT_TAG,
@@ -386,7 +386,8 @@ class Tracker:
         if not self.journal_file.is_file():
             return []
         ops = []
-        for line in self.journal_file.read_text().splitlines():
+        text = read_utf8(self.journal_file, what="journal", error=TrackingError, hint="move the file aside")
+        for line in text.splitlines():
             with contextlib.suppress(json.JSONDecodeError):  # a torn last line after a crash
                 op = json.loads(line)
                 if isinstance(op, dict) and isinstance(op.get("op"), str):  # `replay` reports other lines
