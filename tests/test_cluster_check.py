@@ -250,3 +250,80 @@ def test_unreadable_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     rc, _, err = run_check(capsys, str(path))
     assert rc == 2
     assert err.strip().startswith("error: ") and "invalid YAML" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ the security model (docs/scaling.md)
+
+
+def _edit_command(key: str, index: int, old: str, new: str) -> Mutation:
+    def mutate(d: dict[str, Any]) -> None:
+        assert old in d[key][index], (key, index, d[key][index])
+        d[key][index] = d[key][index].replace(old, new)
+
+    return mutate
+
+
+def _head_start(d: dict[str, Any]) -> int:
+    return next(i for i, c in enumerate(d["head_start_ray_commands"]) if "ray start" in c)
+
+
+TOKEN_ENV = "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.cmx-cluster/ray_auth_token "
+INSECURE: list[tuple[str, str, int, str, str, str]] = [
+    # (id, key, index, old, new, expected one-line error)
+    ("head-auth-implicit", "head_start_ray_commands", 2, TOKEN_ENV, "",
+     "head_start_ray_commands[2]: `ray start` leaves Ray's auth mode implicit"),
+    ("worker-auth-implicit", "worker_start_ray_commands", 1, TOKEN_ENV, "",
+     "worker_start_ray_commands[1]: `ray start` leaves Ray's auth mode implicit"),
+    ("auth-disabled", "worker_start_ray_commands", 1, "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled",
+     "worker_start_ray_commands[1]: RAY_AUTH_MODE=disabled: anyone who reaches the cluster's ports can run code"),
+    ("token-not-shipped", "head_start_ray_commands", 2, "$HOME/.cmx-cluster/ray_auth_token", "/etc/ray-token",
+     "head_start_ray_commands[2]: token auth reads /etc/ray-token but file_mounts ships no token there"),
+    ("dashboard-all-interfaces", "head_start_ray_commands", 2, "--dashboard-host=127.0.0.1",
+     "--dashboard-host=0.0.0.0", "head_start_ray_commands[2]: `--dashboard-host=0.0.0.0` listens on every interface"),
+    ("mlflow-all-interfaces", "head_start_ray_commands", 1, "CMX_MLFLOW_HOST=<HEAD_IP>", "CMX_MLFLOW_HOST=0.0.0.0",
+     "head_start_ray_commands[1]: `CMX_MLFLOW_HOST=0.0.0.0` listens on every interface"),
+    ("mlflow-host-missing", "head_start_ray_commands", 1, "CMX_MLFLOW_HOST=<HEAD_IP>", "",
+     "head_start_ray_commands[1]: start-mlflow.sh without CMX_MLFLOW_HOST"),
+    ("mlflow-auth-off", "head_start_ray_commands", 1, "bash ~/cmx", "CMX_MLFLOW_AUTH=none bash ~/cmx",
+     "head_start_ray_commands[1]: CMX_MLFLOW_AUTH=none starts MLflow without authentication"),
+    ("raw-mlflow-server", "head_start_ray_commands", 1, "bash ~/cmx/cluster/start-mlflow.sh",
+     "mlflow server --host <HEAD_IP>", "head_start_ray_commands[1]: `mlflow server` without authentication"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "index", "old", "new", "message"), [c[1:] for c in INSECURE],
+                         ids=[c[0] for c in INSECURE])  # fmt: skip
+def test_insecure_local_file_fails_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, index: int, old: str, new: str, message: str
+) -> None:
+    """Each rule of the security model fails the file on its own, naming the command and the fix."""
+    data = yaml.safe_load(LOCAL.read_text())
+    _edit_command(key, index, old, new)(data)
+    path = write_yaml(tmp_path / "local.yaml", data)
+    rc, out, err = run_check(capsys, str(path))
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 2, out + err
+    assert errors == [errors[0]] and errors[0].startswith(f"error: {path}: {message}"), err
+    assert " — " in errors[0]
+
+
+def test_auth_rules_read_exports_home_paths_and_rays_defaults(tmp_path: Path) -> None:
+    """An exported mode carries to later commands; /home/<user> and $HOME name the same token path; a
+    file without start commands gets Ray's defaults, which leave the mode implicit."""
+    aws = yaml.safe_load(AWS.read_text())
+    aws["metadata"]["cmx"]["space"] = str(REPO / "examples" / "imagenet-search.yaml")
+    assert aws["file_mounts"]["/home/ubuntu/.cmx-cluster/ray_auth_token"] == "~/.ray/auth_token"
+    assert check_cluster_file(write_yaml(tmp_path / "aws.yaml", aws)).ok
+
+    local = yaml.safe_load(LOCAL.read_text())
+    i = _head_start(local)
+    local["head_start_ray_commands"][i] = local["head_start_ray_commands"][i].replace(TOKEN_ENV, "")
+    local["head_start_ray_commands"].insert(i, "export RAY_AUTH_MODE=token")
+    report = check_cluster_file(write_yaml(tmp_path / "exported.yaml", local))
+    assert [p.key for p in report.problems] == [f"head_start_ray_commands[{i + 1}]"]
+    assert "reads ~/.ray/auth_token but file_mounts ships no token there" in report.problems[0].message
+
+    del local["head_start_ray_commands"], local["worker_start_ray_commands"]
+    report = check_cluster_file(write_yaml(tmp_path / "defaults.yaml", local))
+    assert {p.key.split("[")[0] for p in report.problems} == {"head_start_ray_commands", "worker_start_ray_commands"}
+    assert all("auth mode implicit" in p.message for p in report.problems)

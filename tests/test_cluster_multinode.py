@@ -63,6 +63,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "CMX_MLFLOW_BACKEND_URI": f"sqlite:///{mlflow_dir / 'mlflow.db'}",
         "CMX_MLFLOW_ARTIFACTS": str(root / "artifacts"),
         "CMX_MLFLOW_HOST": "127.0.0.1",
+        # Loopback only; the authenticated server is tested by tests/test_cluster_ray_up.py.
+        "CMX_MLFLOW_AUTH": "none",
         "CMX_MLFLOW_PORT": str(port),
         "CMX_MLFLOW_WORKERS": "1",
         "CMX_MLFLOW_DIR": str(mlflow_dir),

@@ -14,6 +14,10 @@ so the same file works for `ray up` and for this check:
 
 A sweep file given with `--space` replaces `space:`; its `storage.path` and `tracking.uri`, when
 set, are checked too (they are what the sweep will use).
+
+The file's commands are checked for the security model of docs/scaling.md: every `ray start` sets
+RAY_AUTH_MODE explicitly (token, with the token file shipped by file_mounts), no service binds to
+all interfaces, and an MLflow server the head starts requires authentication.
 """
 
 from __future__ import annotations
@@ -299,6 +303,109 @@ def open_ssh_problems(raw: dict[str, Any]) -> list[Problem]:
     return found
 
 
+COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands")  # fmt: skip
+START_KEYS = ("head_start_ray_commands", "worker_start_ray_commands")
+RAY_START = re.compile(r"\bray\s+start\b")
+AUTH_MODE = re.compile(r"\bRAY_AUTH_MODE=[\"']?([\w-]+)")
+EXPORTED_AUTH_MODE = re.compile(r"\bexport\s+(?:\w+=\S*\s+)*RAY_AUTH_MODE=[\"']?([\w-]+)")
+TOKEN_PATH = re.compile(r"\bRAY_AUTH_TOKEN_PATH=[\"']?([^\s\"';]+)")
+DEFAULT_TOKEN_PATH = "~/.ray/auth_token"
+# `--dashboard-host=0.0.0.0`, `--host ::`, `CMX_MLFLOW_HOST=0.0.0.0`: a service on every interface.
+ALL_INTERFACES = re.compile(r"(--[\w-]*host[=\s]+|\b\w*HOST=)[\"']?(0\.0\.0\.0|::|\[::\])(?=[\"'\s;]|$)")
+START_MLFLOW = re.compile(r"\bstart-mlflow\.sh\b")
+MLFLOW_SERVER = re.compile(r"\bmlflow\s+server\b")
+TOKEN_FIX = (
+    "prefix it with RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.cmx-cluster/ray_auth_token and ship the "
+    "token with file_mounts (`~/.cmx-cluster/ray_auth_token: ~/.ray/auth_token`), as cluster/local.yaml does"
+)
+
+
+def _commands(config: dict[str, Any], key: str) -> list[str]:
+    cmds = config.get(key)
+    return [c for c in cmds if isinstance(c, str)] if isinstance(cmds, list) else []
+
+
+def _home_path(path: str, ssh_user: str | None) -> str:
+    """`$HOME/x`, `${HOME}/x`, `/home/<ssh_user>/x` (or `/root/x` for root) as `~/x`."""
+    for prefix in ("$HOME", "${HOME}", "~"):
+        if path == prefix or path.startswith(prefix + "/"):
+            return "~" + path[len(prefix) :]
+    if ssh_user:
+        home = "/root" if ssh_user == "root" else f"/home/{ssh_user}"
+        if path == home or path.startswith(home + "/"):
+            return "~" + path[len(home) :]
+    return path
+
+
+def auth_mode_problems(config: dict[str, Any]) -> list[Problem]:
+    """Every `ray start` must set RAY_AUTH_MODE itself: Ray 2.60 otherwise turns token auth on for a
+    head only when ~/.ray/auth_token happens to exist there, and never for a joining node. With token
+    mode, the token file it reads must be one that file_mounts ships to every node."""
+    auth = config.get("auth")
+    ssh_user = auth.get("ssh_user") if isinstance(auth, dict) else None
+    mounts = config.get("file_mounts")
+    shipped = {_home_path(str(d), ssh_user) for d in mounts} if isinstance(mounts, dict) else set()
+    found: list[Problem] = []
+    for key in START_KEYS:
+        exported: str | None = None
+        for i, cmd in enumerate(_commands(config, key)):
+            here = AUTH_MODE.search(cmd)
+            mode = here.group(1) if here else exported
+            if RAY_START.search(cmd):
+                where = f"{key}[{i}]"
+                if mode is None:
+                    found.append(Problem(where, "`ray start` leaves Ray's auth mode implicit (token auth then depends on "
+                                                "whether ~/.ray/auth_token happens to exist on the node)", TOKEN_FIX))  # fmt: skip
+                elif mode.lower() != "token":
+                    found.append(Problem(where, f"RAY_AUTH_MODE={mode}: anyone who reaches the cluster's ports can run "
+                                                "code on every node", TOKEN_FIX))  # fmt: skip
+                else:
+                    path_match = TOKEN_PATH.search(cmd)
+                    path = _home_path(path_match.group(1), ssh_user) if path_match else DEFAULT_TOKEN_PATH
+                    if path not in shipped:
+                        found.append(Problem(where, f"token auth reads {path} but file_mounts ships no token there",
+                                             f"add `{path}: ~/.ray/auth_token` to file_mounts (one token for every "
+                                             "node and your laptop)"))  # fmt: skip
+            exported_here = EXPORTED_AUTH_MODE.search(cmd)
+            if exported_here:
+                exported = exported_here.group(1)
+    return found
+
+
+def exposure_problems(config: dict[str, Any]) -> list[Problem]:
+    """Commands that bind a service (MLflow, the dashboard, ...) to every interface."""
+    found: list[Problem] = []
+    for key in COMMAND_KEYS:
+        for i, cmd in enumerate(_commands(config, key)):
+            m = ALL_INTERFACES.search(cmd)
+            if m:
+                found.append(Problem(f"{key}[{i}]", f"`{m.group(0).strip()}` listens on every interface",
+                                     "bind MLflow to the head's private address (CMX_MLFLOW_HOST=<HEAD_IP>) and the "
+                                     "dashboard to 127.0.0.1 (--dashboard-host=127.0.0.1; reach it with `ray dashboard`)"))  # fmt: skip
+    return found
+
+
+def mlflow_auth_problems(config: dict[str, Any]) -> list[Problem]:
+    """An MLflow server the file starts must require authentication and name its bind address."""
+    found: list[Problem] = []
+    for key in COMMAND_KEYS:
+        for i, cmd in enumerate(_commands(config, key)):
+            where = f"{key}[{i}]"
+            if START_MLFLOW.search(cmd):
+                if re.search(r"\bCMX_MLFLOW_AUTH=[\"']?none\b", cmd):
+                    found.append(Problem(where, "CMX_MLFLOW_AUTH=none starts MLflow without authentication",
+                                         "drop it: start-mlflow.sh uses MLflow's basic-auth app by default"))  # fmt: skip
+                if "CMX_MLFLOW_HOST=" not in cmd:
+                    found.append(Problem(where, "start-mlflow.sh without CMX_MLFLOW_HOST (it refuses to guess)",
+                                         "set CMX_MLFLOW_HOST=<HEAD_IP>, the head's private address"))  # fmt: skip
+            elif MLFLOW_SERVER.search(cmd) and not re.search(r"--app-name[=\s]+basic-auth\b", cmd):
+                found.append(Problem(where, "`mlflow server` without authentication: anyone on the network can read "
+                                            "and delete runs", "start it with bash ~/cmx/cluster/start-mlflow.sh "
+                                            "(basic auth), or add --app-name basic-auth"))  # fmt: skip
+    return found
+
+
 # ------------------------------------------------------------------ the whole check
 
 
@@ -318,6 +425,10 @@ def check_cluster_file(path: str | Path, space: str | Path | None = None) -> Clu
     except ConfigError as e:
         report.problems.append(Problem("", e.message, e.hint or ""))
         prepared = None
+    commands = prepared if prepared is not None else raw  # Ray's default commands count when the file has none
+    report.problems.extend(auth_mode_problems(commands))
+    report.problems.extend(exposure_problems(commands))
+    report.problems.extend(mlflow_auth_problems(commands))
     try:
         settings = validate_config(CmxClusterSettings, meta or {}, f"{path}: metadata.cmx")
     except ConfigError as e:
