@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -308,6 +309,44 @@ def test_sigterm_during_convert_leaves_no_partial_file_or_process(tmp_path: Path
     assert os.listdir(out_dir) == []
     time.sleep(0.5)
     assert _alive(children) == set()
+
+
+HANGING_CLEANUP = """
+import multiprocessing, sys, threading, time
+from cmx.cli.signals import install_sigterm, set_cleanup_grace
+install_sigterm()
+set_cleanup_grace(1.0)
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), daemon=True)
+child.start()
+print(child.pid, flush=True)
+held = threading.Lock()
+held.acquire()
+try:
+    time.sleep(600)
+finally:
+    held.acquire()  # a cleanup that never ends (as a lock left held by an interrupted `with`)
+"""
+
+
+def test_sigterm_watchdog_ends_a_cleanup_that_hangs(tmp_path: Path) -> None:
+    """A command with a cleanup grace exits 143 within it, with every thread's stack and no children."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGING_CLEANUP], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "cleanup after SIGTERM took over 1 s" in err
+    assert 'File "<string>", line 14' in err  # the stack names the line that hung: `held.acquire()`
+    time.sleep(0.3)
+    assert _alive({child}) == set()
 
 
 @pytest.mark.slow

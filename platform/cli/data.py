@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from cmx.cli.options import json_option
+from cmx.cli.signals import set_cleanup_grace
 from cmx.core.errors import DataError
 from cmx.core.paths import check_dir_target, data_dir
 from cmx.pipelines.beton import convert_image_folder, inspect_beton, report_dict, verify_beton
@@ -35,9 +36,14 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+# Stopping a conversion means killing its writers and removing one temp file: seconds at most.
+DATA_CLEANUP_GRACE_S = 15.0
+
+
 @click.group("data")
 def data() -> None:
     """Convert, inspect and verify datasets (FFCV .beton files and ImageFolders)."""
+    set_cleanup_grace(DATA_CLEANUP_GRACE_S)
 
 
 @data.command("convert")

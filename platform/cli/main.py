@@ -5,14 +5,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import signal
 import sys
-import threading
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 import click
 
+from cmx.cli.signals import EXIT_CODE, install_sigterm, was_terminated
 from cmx.core.errors import CmxError
 
 # name -> "module:attribute"; imported only when the command runs (so `cmx --help` is instant).
@@ -63,58 +61,11 @@ def cli(debug: bool) -> None:
     """cmx: ConvMixer experiments at scale (Ray Tune + Optuna sweeps, FFCV data, MLflow tracking)."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM reached the cmx process: it unwinds like Ctrl-C, so every `finally` and context
-    manager runs (temp files are removed, writer processes and servers stopped)."""
-
-
-_main_pid = 0
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    if os.getpid() != _main_pid:  # a forked worker inherited the handler: die as a worker does
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    raise Terminated
-
-
-def _unraisable(hook: Any) -> Any:
-    """Where Python swallows exceptions (at-fork callbacks, `__del__`), a swallowed `Terminated`
-    is raised again: the signal is re-sent to this process, to arrive in ordinary code."""
-
-    def unraisable(info: Any) -> None:
-        if not isinstance(info.exc_value, Terminated) or os.getpid() != _main_pid:
-            hook(info)
-            return
-        try:
-            signal.signal(signal.SIGTERM, _on_sigterm)
-        except ValueError:
-            return  # not the main thread: the handler stays ignored, the cleanup already runs
-        # From another thread, a moment later: sent from here it would be swallowed again.
-        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
-
-    unraisable.cmx_terminated = True  # type: ignore[attr-defined]
-    return unraisable
-
-
-def _install_sigterm() -> None:
-    global _main_pid
-    _main_pid = os.getpid()
-    try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (main() called from a test's thread): keep the default
-        return
-    if not getattr(sys.unraisablehook, "cmx_terminated", False):
-        sys.unraisablehook = _unraisable(sys.unraisablehook)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one clear line and a non-zero exit for every cmx error."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("CMX_DEBUG", "") not in ("", "0", "false")
-    _install_sigterm()
+    install_sigterm()
     try:
         rv = cli.main(args=args, prog_name="cmx", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -123,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except (click.Abort, KeyboardInterrupt) as e:
-        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated) or isinstance(e.__context__, Terminated):
+        if was_terminated(e):
             click.echo("terminated", err=True)
-            sys.exit(128 + signal.SIGTERM)
+            sys.exit(EXIT_CODE)
         click.echo("interrupted", err=True)
         sys.exit(130)
     except CmxError as e:
