@@ -10,7 +10,9 @@ import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 from support.cli import run_cmx, start_cmx
 from support.ray_processes import kill_ray_started_with
 from support.sweeps import trial_rows, write_spec
@@ -19,6 +21,8 @@ from cmx.cluster.runtime import RAY_TMP_ENV
 from cmx.core.search_space import preview
 from cmx.core.sweep_spec import load_sweep_spec
 from cmx.sweep.results import sweep_status
+from cmx.sweep.storage import STUDY_FILE
+from cmx.sweep.study import TRIAL_ID_ATTR, journal_storage
 from cmx.sweep.tuner import run_sweep
 
 pytestmark = pytest.mark.timeout(900)
@@ -40,6 +44,11 @@ def test_asha_sweep_stops_weak_trials_and_finds_best(
     assert "stopped early" in statuses, statuses  # ASHA cut some trials at its first rung
     assert "completed" in statuses, statuses
     assert all(s in ("completed", "stopped early") for s in statuses), outcome.trials
+    # The sweep's Optuna study agrees: ASHA's stops are PRUNED, full runs COMPLETE, one per trial.
+    study = optuna.load_study(study_name="asha6", storage=journal_storage(Path(outcome.path) / STUDY_FILE))
+    assert {t.user_attrs[TRIAL_ID_ATTR]: t.state for t in study.trials} == {
+        t.trial_id: TrialState.COMPLETE if t.status == "completed" else TrialState.PRUNED for t in outcome.trials
+    }
     best = outcome.best
     assert best is not None and best.best == max(t.best for t in outcome.trials)
     assert best.best > 15  # percent; learned something: 10 classes, chance is 10%
@@ -112,6 +121,13 @@ def test_killed_driver_resumes_without_redoing_finished_trials(
     assert status.complete and len(status.trials) == 4, status
     for name, rows in finished.items():
         assert len(trial_rows(exp / name)) == rows, f"{name} was re-run after resume"
+    # One study across the kill and the resume: each trial once, COMPLETE; nothing left RUNNING
+    # (a trial Optuna handed out after Tune's last save, which the resumed sweep never ran, is FAIL).
+    study = optuna.load_study(study_name="resume", storage=journal_storage(exp / STUDY_FILE))
+    ran = [t for t in study.trials if t.state != TrialState.FAIL]
+    assert sorted(t.user_attrs[TRIAL_ID_ATTR] for t in ran) == sorted(t.trial_id for t in status.trials)
+    assert all(t.state == TrialState.COMPLETE and len(t.intermediate_values) == 3 for t in ran), ran
+    assert len(study.trials) - len(ran) <= 1, study.trials
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from cmx.core.uris import is_uri
 from cmx.core.yaml_files import read_text_file
 from cmx.sweep.resources import ResourcePlan, concurrency, plan_resources
 from cmx.sweep.results import SweepOutcome, SweepStatus, list_sweeps, sweep_status
-from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, experiment_path, experiment_root, read_text
+from cmx.sweep.storage import SOURCE_FILE, SPEC_FILE, STUDY_FILE, experiment_path, experiment_root, read_text
 
 
 @click.group(invoke_without_command=True)
@@ -98,8 +98,37 @@ def sweep(
         check_dir_target(experiment_root(spec), "--storage" if storage else "storage.path")
     if dry_run:
         _print_plan(spec, address)
+        _print_warm_start(spec, str(space_path))
         return
+    if not resume_name:
+        _check_warm_start(spec, str(space_path), fresh)
     _run(spec, source_text, address, fresh)
+
+
+def _print_warm_start(spec: SweepSpec, source: str) -> None:
+    """What `search.warm_start` takes, one line, then a note per skipped trial."""
+    if not spec.search.warm_start:
+        return
+    from cmx.sweep.study import warm_start
+
+    warm = warm_start(spec, source)
+    click.echo(warm.summary())
+    for note in warm.notes:
+        click.echo(note)
+
+
+def _check_warm_start(spec: SweepSpec, source: str, fresh: bool) -> None:
+    """The warm-start sweeps exist and have studies, before Ray starts; the summary on stderr.
+    Nothing for a sweep that resumes: its study was seeded when it started."""
+    path = experiment_path(spec)
+    if not spec.search.warm_start or (not fresh and not is_uri(path) and (Path(path) / STUDY_FILE).is_file()):
+        return
+    from cmx.sweep.study import warm_start
+
+    warm = warm_start(spec, source)
+    click.echo(warm.summary(), err=True)
+    for note in warm.notes:
+        click.echo(note, err=True)
 
 
 def _variant_arguments(name: str) -> dict[str, Any]:
@@ -301,3 +330,24 @@ def status_command(name: str, storage: str | None) -> None:
     Console().print(table)
     if not s.complete:
         click.echo(f"resume with: cmx sweep --resume {s.name}")
+
+
+@sweep.command("dashboard")
+@click.argument("name")
+@click.option("--storage", metavar="PATH", help="Storage root (default $CMX_HOME/sweeps).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0: a free port.")
+def dashboard_command(name: str, storage: str | None, port: int) -> None:
+    """optuna-dashboard on a sweep's Optuna study, at 127.0.0.1, until Ctrl-C."""
+    from cmx.sweep.study import serve_dashboard
+
+    if storage and is_uri(storage):
+        raise ConfigError(
+            f"cmx sweep dashboard: sweeps under {storage} keep their Optuna study in memory, not in a file",
+            "use a local or shared (NFS) storage path to get a study file",
+        )
+    folder = safe_child(storage or sweeps_dir(), name, "sweep name")
+
+    def ready(url: str) -> None:
+        click.echo(f"optuna-dashboard for sweep {name}: {url}  (Ctrl-C to stop)", nl=True)
+
+    serve_dashboard(Path(folder), name, port=port, on_ready=ready)

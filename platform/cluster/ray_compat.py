@@ -6,7 +6,9 @@ Each use is a gap in Ray's public API that cmx needed (docs/architecture.md, Ray
   find the best checkpoint and to delete superseded ones only when resuming stays safe;
 - the controller's "save this trial with the next state" mark, for a paused trial that is stopped;
 - a scheduler that must see every result unbuffered (`_supports_buffered_results`);
-- the cluster launcher's `prepare_config` + `validate_config`, what `ray up` runs minus cloud calls.
+- the cluster launcher's `prepare_config` + `validate_config`, what `ray up` runs minus cloud calls;
+- `OptunaSearch`'s study and its map of Tune trial id to Optuna trial, which have no public getter:
+  cmx's searcher records each trial's true end (pruned, failed) in the sweep's study.
 Every entry point checks the installed Ray against `TESTED` first and fails with one line.
 """
 
@@ -85,3 +87,16 @@ def validate_cluster_config(prepared: dict[str, Any]) -> None:
     from ray.autoscaler._private.util import validate_config
 
     validate_config(prepared)
+
+
+def optuna_search_study(searcher: Any) -> Any:
+    """The `optuna.Study` an `OptunaSearch` proposes from (None before its space is set)."""
+    check_version()
+    return searcher._ot_study  # noqa: SLF001
+
+
+def optuna_search_trials(searcher: Any) -> dict[str, Any]:
+    """An `OptunaSearch`'s live `optuna.Trial` per Tune trial id (those it proposed)."""
+    check_version()
+    trials: dict[str, Any] = searcher._ot_trials  # noqa: SLF001
+    return trials

@@ -173,6 +173,10 @@ class SearchConfig(StrictModel):
     objectives: list[Objective] = Field(
         default_factory=list, description="two or more for a multi-objective (Pareto) search"
     )
+    warm_start: list[str] = Field(
+        default_factory=list,
+        description="earlier sweeps (names, same storage) whose finished trials that fit this space seed the sampler",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
@@ -184,6 +188,10 @@ class SearchConfig(StrictModel):
             raise ValueError("objectives needs two or more entries (use metric/mode for one)")
         if self.objectives and self.algorithm not in ("optuna-tpe", "random"):
             raise ValueError("multi-objective search needs algorithm optuna-tpe or random")
+        if self.warm_start and self.algorithm == "grid":
+            raise ValueError("warm_start needs an Optuna algorithm (optuna-tpe, optuna-cmaes, random), not grid")
+        if len(set(self.warm_start)) != len(self.warm_start):
+            raise ValueError("warm_start names a sweep twice")
         return self
 
 

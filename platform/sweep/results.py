@@ -85,13 +85,18 @@ class SweepOutcome:
 
 def trial_status(spec: SweepSpec, metrics_: dict[str, Any], error: Any) -> TrialStatus:
     """A trial's outcome from its last reported result and its error (None when it had none)."""
+    return status_of(spec.max_epochs, metrics_, error)
+
+
+def status_of(max_epochs: int, metrics_: dict[str, Any], error: Any) -> TrialStatus:
+    """`trial_status` for a sweep of `max_epochs` epochs (what the sweep's Optuna study records)."""
     if error is not None:
         return TrialStatus.FAILED
     if metrics_.get(REJECTED):
         return TrialStatus.REJECTED
     if metrics_.get(DIVERGED):
         return TrialStatus.DIVERGED
-    if metrics.epochs_of(metrics_) >= spec.max_epochs:
+    if metrics.epochs_of(metrics_) >= max_epochs:
         return TrialStatus.COMPLETED
     return TrialStatus.SCHEDULER_STOPPED
 

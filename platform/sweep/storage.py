@@ -21,6 +21,7 @@ from cmx.core.uris import is_uri
 SPEC_FILE = "cmx-sweep.yaml"  # the validated spec, saved in the experiment dir
 SOURCE_FILE = "cmx-space.yaml"  # the user's file as written
 BEST_CONFIG_FILE = "best-config.yaml"
+STUDY_FILE = "optuna-study.journal"  # the sweep's Optuna study (local storage; cmx.sweep.study)
 
 
 def _remote(location: str) -> tuple[object, str]:

@@ -1,23 +1,28 @@
 """Sweep orchestration on Ray Tune: Optuna proposes, ASHA stops or pauses, each trial runs `train()`.
 
-This module builds the searcher, the scheduler and the Tuner, and runs (or resumes) it; Tune
+This module builds the searcher (`StudySearch`, writing the sweep's Optuna study), the scheduler
+and the Tuner, and runs (or resumes) it; Tune
 callbacks (tracking, checkpoint retention, state backup, trial logs) and the asha-promotion
 scheduler live in their own modules.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+import optuna
 import yaml
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
 
-from cmx.cluster.ray_compat import replace_restored_callbacks
+from cmx.cluster.ray_compat import optuna_search_study, optuna_search_trials, replace_restored_callbacks
 from cmx.cluster.runtime import NodeCapacity, alive_nodes, init_ray, local_capacity
 from cmx.core import metrics
 from cmx.core.errors import ConfigError
-from cmx.core.metrics import DIVERGED, REJECTED
+from cmx.core.metrics import DIVERGED, REJECTED, TrialStatus
 from cmx.core.search_space import encode_params, make_sampler, optuna_space
 from cmx.core.sweep_spec import ChoiceDist, FloatDist, GridDist, IntDist, SweepSpec
 from cmx.core.uris import is_uri
@@ -26,7 +31,7 @@ from cmx.sweep.checkpoint_retention import CheckpointRetention
 from cmx.sweep.mlflow_callback import MLflowTrackingCallback
 from cmx.sweep.promotion_asha import PromotionASHA, RungFeedback
 from cmx.sweep.resources import ResourcePlan, concurrency, plan_resources
-from cmx.sweep.results import SweepOutcome, expected_trials, summarise
+from cmx.sweep.results import SweepOutcome, expected_trials, status_of, summarise
 from cmx.sweep.storage import (
     SOURCE_FILE,
     SPEC_FILE,
@@ -39,27 +44,36 @@ from cmx.sweep.storage import (
     spec_fingerprint,
     write_text,
 )
+from cmx.sweep.study import STATUS_ATTR, TRIAL_ID_ATTR, create_study, new_study_storage, warm_start
 from cmx.sweep.trial import run_trial
 from cmx.sweep.trial_logs import KeepTrialLogs
 from cmx.sweep.tune_state import StateBackup, repair_torn_state
 
 
-def build_searcher(spec: SweepSpec) -> Any:
-    """OptunaSearch for optuna-*/random; None for grid (Tune's own variant generator)."""
+def build_searcher(spec: SweepSpec, path: str | None = None) -> Any:
+    """StudySearch (Ray's OptunaSearch) for optuna-*/random; None for grid (Tune's own variant generator).
+
+    The study lives in the sweep directory `path` (`cmx.sweep.study`), seeded with the
+    `search.warm_start` trials; without `path`, in memory.
+    """
     if spec.search.algorithm == "grid":
         return None
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+    from optuna.storages import InMemoryStorage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = InMemoryStorage() if path is None else new_study_storage(path)
+    create_study(spec, storage, warm_start(spec, f"{path}/{SPEC_FILE}").trials)
     objectives = spec.objectives()
     multi = len(objectives) > 1
-    return OptunaSearch(
+    return StudySearch(
+        max_epochs=spec.max_epochs,
         space=optuna_space(spec),
         metric=[o.metric for o in objectives] if multi else objectives[0].metric,
         mode=[o.mode for o in objectives] if multi else objectives[0].mode,
         sampler=make_sampler(spec),
         points_to_evaluate=[encode_params(spec, p) for p in spec.search.points_to_evaluate] or None,
+        study_name=spec.name,
+        storage=storage,
     )
 
 
@@ -193,7 +207,7 @@ def _new_tuner(spec: SweepSpec, plan: ResourcePlan, trainable: Any, callbacks: l
     from ray import tune
 
     objective = spec.objectives()[0]
-    searcher = build_searcher(spec)
+    searcher = build_searcher(spec, experiment_path(spec))
     max_concurrent: int | None = concurrency(spec, plan)
     scheduler = build_scheduler(spec, max_concurrent)
     if spec.scheduler.name == "asha-promotion":
@@ -266,3 +280,95 @@ def _repair_saved_state(spec: SweepSpec, path: str) -> None:
             f"sweep {spec.name!r} at {path} cannot be resumed: {e}",
             "start it over with --fresh, or keep it and start another with --name NEW",
         ) from None
+
+
+# How each cmx trial status ends in the sweep's Optuna study (StudySearch).
+STATES = {
+    TrialStatus.COMPLETED: TrialState.COMPLETE,
+    TrialStatus.SCHEDULER_STOPPED: TrialState.PRUNED,
+    TrialStatus.REJECTED: TrialState.FAIL,
+    TrialStatus.DIVERGED: TrialState.FAIL,
+    TrialStatus.FAILED: TrialState.FAIL,
+}
+
+
+class StudySearch(OptunaSearch):
+    """Ray's `OptunaSearch` that records in the sweep's study how each trial really ended.
+
+    Ray's class tells Optuna COMPLETE whenever a value was reported: an ASHA-stopped trial looked
+    finished, a rejected or diverged trial's placeholder worst value looked measured. Here cmx's
+    `TrialStatus` decides (`STATES`): completed -> COMPLETE with the objective(s); stopped early ->
+    PRUNED, its value the last intermediate one; rejected, diverged, failed -> FAIL, no value.
+    Intermediate values are the objective at each of the trainer's epochs (step = `epoch`, as the
+    schedulers count). Every trial gets the user attributes `cmx_trial_id` and `cmx_status`.
+
+    Tune pickles the searcher (a journal storage as its file path) with its experiment state, so a
+    resume continues the same study; a trial Optuna handed out after Tune's last save, which the
+    restored sweep never runs, is failed in `restore`, and no trial is told its end twice
+    (docs/architecture.md, Optuna study). Moving this class breaks resuming older sweeps.
+    """
+
+    def __init__(self, *, max_epochs: int, **kwargs: Any) -> None:
+        self.max_epochs = max_epochs
+        self.ended: set[str] = set()
+        super().__init__(**kwargs)
+
+    def _metrics(self) -> list[str]:
+        return list(self.metric) if isinstance(self.metric, list) else [self.metric]
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        trial = optuna_search_trials(self).get(trial_id)
+        if trial is not None and config is not None:
+            trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or trial_id in self.ended:
+            return  # Optuna keeps no intermediate values for several objectives
+        if result.get(REJECTED) or result.get(DIVERGED):
+            return  # a placeholder value, not a measurement
+        value = result.get(self.metric)
+        trial = optuna_search_trials(self).get(trial_id)
+        if trial is None or value is None or not math.isfinite(float(value)):
+            return
+        try:
+            trial.report(float(value), step=metrics.epochs_of(result))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.ended.add(trial_id)  # ended in the study before the driver restarted
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.ended:
+            return
+        if result:
+            self.on_trial_result(trial_id, result)  # Tune hands the last result to this call only
+        self.ended.add(trial_id)
+        trial = optuna_search_trials(self).get(trial_id)
+        if trial is None:
+            return
+        status = status_of(self.max_epochs, result or {}, True if error else None)
+        state = STATES.get(status, TrialState.FAIL)
+        values: list[float] | None = None
+        if state == TrialState.COMPLETE:
+            got = [(result or {}).get(m) for m in self._metrics()]
+            if all(v is not None and math.isfinite(float(v)) for v in got):
+                values = [float(v) for v in got]  # type: ignore[arg-type]
+            else:
+                state = TrialState.FAIL
+        study = optuna_search_study(self)
+        try:
+            trial.set_user_attr(STATUS_ATTR, status.tag)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # ended before the driver restarted: the first end stands
+        study.tell(trial, values, state=state, skip_if_finished=True)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        study = optuna_search_study(self)
+        if study is None:
+            return
+        known = {t.number for t in optuna_search_trials(self).values()}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number not in known:
+                # Handed out after Tune's last state save: the restored sweep never runs it.
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
