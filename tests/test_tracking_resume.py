@@ -110,6 +110,12 @@ def test_killed_sweep_resumed_keeps_one_run_per_trial(
     assert "resuming sweep" in out.stderr
     client, parents, trials = _sweep_runs(mlflow_server.uri, name)
     assert len(parents) == 1 and parents[0].data.tags.get("cmx.resumes") == "1"
+    # The summary links to the sweep's trials in MLflow's UI (opened in Chromium: test_tracking_sweep.py).
+    view = f"viewStateShareKey=cmx-sweep-{parents[0].info.run_id}"
+    trials_link = (
+        f"{mlflow_server.uri}/#/experiments/{parents[0].info.experiment_id}/runs?workflowType=machine_learning&{view}"
+    )
+    assert f"trials (objective, searched params): {trials_link}\n" in out.stdout, out.stdout[-2000:]
     ids = [r.data.tags["cmx.trial_id"] for r in trials]
     assert len(ids) == len(set(ids)) == 2, ids  # exactly one run per trial
     assert {r.info.run_id for r in before} <= {r.info.run_id for r in trials}  # the same runs continued

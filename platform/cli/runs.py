@@ -126,6 +126,7 @@ def best_command(sweep: str | None, download: Path | None, tracking_uri: str | N
     model = trial.tags.get("cmx.registered_model")
     if model:
         console.print(f"  registered model: models:/{model}")
+    show_sweep_links(tracking_uri, parent.tags.get(T.TAG_SWEEP))
     if download is not None:
         for path in Q.download_best(tracking_uri, trial, download):
             console.print(f"  downloaded {path}")
@@ -186,13 +187,44 @@ def replay_command(directory: Path, tracking_uri: str | None) -> None:
     click.echo(f"delivered {done} journaled call(s); nothing pending in {directory}")
 
 
-def _serve(cmd: list[str], env: dict[str, str], url: str, what: str) -> None:
-    """Run an `mlflow server` child, print its URL once healthy, stop it on Ctrl-C."""
+def sweep_links_lines(links: Any, serving: bool = False) -> list[str]:
+    """A sweep's MLflow UI links (a `cmx.tracking.ui_links.SweepLinks`) as lines to print;
+    `serving`: printed by `cmx ui` itself."""
+    where = " (start the UI with: cmx ui)" if links.local and not serving else ""
+    lines = [
+        f"MLflow UI for sweep {links.sweep}{where}:",
+        f"  trials (objective, searched params): {links.runs}",
+        f"  charts (objective vs params):        {links.charts}",
+    ]
+    if links.best:
+        lines.append(f"  best trial:                          {links.best}")
+    return lines
+
+
+def show_sweep_links(tracking_uri: str | None, sweep: str | None, local_ui: str | None = None) -> None:
+    """Print a sweep's MLflow UI links; a store that cannot give them costs one dim line, never an error."""
+    from cmx.tracking import ui_links
+    from cmx.tracking.store import resolve_uri
+
+    try:
+        links = ui_links.sweep_links(resolve_uri(tracking_uri), sweep, local_ui)
+    except (TrackingError, ConfigError) as e:
+        click.secho(f"no MLflow UI links: {e.one_line()}", dim=True)
+        return
+    # click.echo, not rich: rich would wrap a long URL over several lines.
+    for line in sweep_links_lines(links):
+        click.echo(line)
+
+
+def _serve(cmd: list[str], env: dict[str, str], url: str, what: str, then: list[str] | None = None) -> None:
+    """Run an `mlflow server` child, print its URL once healthy (then `then`), stop it on Ctrl-C."""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         if not wait_healthy(url, proc):
             raise TrackingError(f"{what} did not start (exit code {proc.poll()})", "see its output above")
         click.secho(f"{what}: {url}  (Ctrl-C stops it)", bold=True)
+        for line in then or []:
+            click.echo(line)
         proc.wait()
     except KeyboardInterrupt:
         pass
@@ -209,19 +241,31 @@ def _serve(cmd: list[str], env: dict[str, str], url: str, what: str) -> None:
 @tracking_uri_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option("--port", type=int, default=5000, show_default=True, envvar="CMX_UI_PORT")
-def ui(tracking_uri: str | None, host: str, port: int) -> None:
-    """Start the MLflow UI on the configured store and print its URL."""
+@click.option("--sweep", metavar="NAME", help="Print links to this sweep's trials [default: the newest sweep].")
+def ui(tracking_uri: str | None, host: str, port: int, sweep: str | None) -> None:
+    """Start the MLflow UI on the configured store; print its URL and the sweep's links."""
     from cmx.tracking import store as T
+    from cmx.tracking import ui_links
 
     uri = T.check_tracking_reachable(tracking_uri)
+    url = f"http://{host}:{port}"
+    links: list[str] = []
+    try:  # before the server starts: writing the sweep's view to a local store needs no server
+        links = sweep_links_lines(ui_links.sweep_links(uri, sweep, local_ui=url), serving=True)
+    except TrackingError as e:
+        if sweep:  # asked for by name: say why there are no links
+            raise
+        links = [f"no sweep to link to yet ({e.message})"]
     if T.is_server_uri(uri):
         click.echo(f"the store is a tracking server; its UI is at {uri}")
+        for line in links:
+            click.echo(line)
         return
     if is_listening(host, port):
         raise TrackingError(f"port {port} on {host} is in use", "pass --port N")
     cmd, env = ui_command(uri, host, port)
     click.echo(f"MLflow UI for {uri} (starting, ~10-30 s)...")
-    _serve(cmd, env, f"http://{host}:{port}", "MLflow UI")
+    _serve(cmd, env, url, "MLflow UI", then=links)
 
 
 @click.command("server")

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from cmx.cli.options import address_option, set_option, tracking_uri_option
+from cmx.cli.runs import show_sweep_links
 from cmx.cluster.runtime import local_capacity
 from cmx.core.constraints import violated
 from cmx.core.errors import ConfigError
@@ -235,6 +236,8 @@ def _run(spec: SweepSpec, source_text: str, address: str | None, fresh: bool) ->
         spec, source_text=source_text, address=address, fresh=fresh, callbacks=callbacks, on_start=on_start
     )
     show_outcome(outcome, spec)
+    if spec.tracking.enabled:
+        show_sweep_links(spec.tracking.uri, spec.name)
     if outcome.interrupted:
         console.print(f"[yellow]interrupted[/]: finished trials are saved. Resume with: cmx sweep --resume {spec.name}")
         sys.exit(130)

@@ -117,17 +117,26 @@ def objective_of(parent: RunRow) -> tuple[str, str]:
     return metric, mode
 
 
-def best_trial(uri: str | None, sweep: str | None) -> tuple[RunRow, RunRow]:
-    """The sweep's best trial by its objective (completed or stopped-early trials only)."""
-    parent, trials = sweep_trials(uri, sweep)
+def pick_best(parent: RunRow, trials: list[RunRow]) -> RunRow | None:
+    """The best of a sweep's trials by its objective (completed or stopped-early trials only)."""
     metric, mode = objective_of(parent)
     key = f"best/{metric}"
     usable_tags = {s.tag for s in M.TrialStatus if s.usable}  # `cmx_status` is the tag's spelling
     usable = [t for t in trials if key in t.metrics and t.cmx_status in usable_tags]
     if not usable:
-        raise TrackingError(f"sweep {parent.tags.get(TAG_SWEEP)!r} has no finished trial with {key}")
+        return None
     pick = max if mode == "max" else min
-    return parent, pick(usable, key=lambda t: t.metrics[key])
+    return pick(usable, key=lambda t: t.metrics[key])
+
+
+def best_trial(uri: str | None, sweep: str | None) -> tuple[RunRow, RunRow]:
+    """The sweep's best trial by its objective (completed or stopped-early trials only)."""
+    parent, trials = sweep_trials(uri, sweep)
+    best = pick_best(parent, trials)
+    if best is None:
+        metric, _ = objective_of(parent)
+        raise TrackingError(f"sweep {parent.tags.get(TAG_SWEEP)!r} has no finished trial with best/{metric}")
+    return parent, best
 
 
 def download_best(uri: str | None, trial: RunRow, dest: Path) -> list[Path]:

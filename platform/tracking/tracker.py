@@ -33,6 +33,7 @@ from cmx.tracking.store import (
     resolve_uri,
     short,
 )
+from cmx.tracking.ui_links import EXPERIMENT_KIND_TAG, MODEL_TRAINING, ensure_model_training_kind
 
 log = logging.getLogger("cmx.tracking")
 
@@ -167,11 +168,15 @@ class Tracker:
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
+            ensure_model_training_kind(self.client, found.experiment_id, dict(found.tags))
             return found.experiment_id
         root = artifact_root(self.uri)
         location = None if root is None else str(Path(root) / _safe_name(name))
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            # Tagged as model training (not GenAI) for MLflow's UI: docs/architecture.md, MLflow.
+            return self.client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+            )
         except MlflowException as e:  # created meanwhile by another process
             again = self.client.get_experiment_by_name(name)
             if again is None:
