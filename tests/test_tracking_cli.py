@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.cli import run_cmx, start_cmx
-from support.sweeps import base_config, write_spec
+from support.sweeps import base_config, record_sweep, write_spec
 
 from cmx.core import metrics as M
 from cmx.core.net import free_port
@@ -91,8 +92,9 @@ def _listening_on(port: int) -> list[str]:
     return found
 
 
-def _serve_and_stop(args: list[str], home: Path) -> str:
-    """Run `cmx server|ui` until it prints its URL; check it binds 127.0.0.1 only; Ctrl-C it."""
+def _serve_and_stop(args: list[str], home: Path, until: str | None = None) -> str:
+    """Run `cmx server|ui` until it prints its URL (and then a line with `until`); check it binds
+    127.0.0.1 only; Ctrl-C it."""
     port = free_port()
     proc = start_cmx(*args, "--port", str(port), home=home, env={"PYTHONUNBUFFERED": "1"})
     output: list[str] = []
@@ -104,6 +106,10 @@ def _serve_and_stop(args: list[str], home: Path) -> str:
                 break
         else:
             pytest.fail("".join(output))
+        for line in proc.stdout if until else []:
+            output.append(line)
+            if until in line:
+                break
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
             assert r.status == 200
         assert _listening_on(port) == ["0100007F"], _listening_on(port)  # 127.0.0.1, nothing else
@@ -135,5 +141,13 @@ def test_cmx_server_and_ui_bind_localhost_and_stop(tmp_path: Path) -> None:
     )
     assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:" in out
     assert (tmp_path / "team.db").is_file()
-    out = _serve_and_stop(["ui"], home)
-    assert f"MLflow UI for sqlite:///{home.resolve() / 'mlflow' / 'mlflow.db'}" in out
+    # `cmx ui` on the default store prints the newest sweep's links, pointing at its own port.
+    db = home.resolve() / "mlflow" / "mlflow.db"
+    record_sweep(tmp_path / "sweep-state", f"sqlite:///{db}", "uisweep")
+    out = _serve_and_stop(["ui"], home, until="best trial:")
+    assert f"MLflow UI for sqlite:///{db}" in out
+    port = re.search(r"MLflow UI: http://127\.0\.0\.1:(\d+)  \(Ctrl-C", out).group(1)  # type: ignore[union-attr]
+    links = re.findall(r"^  (trials|charts|best trial)\b[^:]*:\s+(\S+)$", out, flags=re.M)
+    assert [k for k, _ in links] == ["trials", "charts", "best trial"], out
+    assert all(url.startswith(f"http://127.0.0.1:{port}/#/experiments/") for _, url in links), out
+    assert "MLflow UI for sweep uisweep:" in out and "start the UI with" not in out  # it is started

@@ -10,34 +10,18 @@ import re
 from pathlib import Path
 
 from click.testing import CliRunner
+from support.sweeps import SEARCHED, record_sweep
 
-from cmx.core import metrics as M
 from cmx.tracking.store import make_client
 from cmx.tracking.tracker import Tracker
 from cmx.tracking.ui_links import EXPERIMENT_KIND_TAG, MODEL_TRAINING, SHARED_VIEW_TAG, view_key
-
-SEARCHED = ("optim.lr", "model.dim")
-
-
-def _record_sweep(tmp_path: Path, uri: str, name: str) -> None:
-    """A sweep as the MLflow callback records it (parent + 3 trials), written through the Tracker."""
-    t = Tracker(tmp_path / "state", uri, experiment=name)
-    t.start_run("sweep", name=name, tags={"cmx.role": "sweep", "cmx.sweep": name, "cmx.objective": "min val/loss"})
-    for i, loss in enumerate((0.9, 0.4, 0.7)):
-        key = f"trial:{i}"
-        t.start_run(key, name=f"trial_{i}", parent="sweep", tags={"cmx.role": "trial", "cmx.trial_id": f"t{i}"})
-        t.log(key, params={"optim.lr": str(0.01 * (i + 1)), "model.dim": str(32 * (i + 1))},
-              tags={"cmx.searched": ", ".join(SEARCHED)})  # fmt: skip
-        t.log(key, metrics={M.VAL_LOSS: loss, f"best/{M.VAL_LOSS}": loss}, step=1)
-        t.end_run(key, M.TrialStatus.COMPLETED)
-    t.end_run("sweep", M.TrialStatus.COMPLETED)
 
 
 def test_runs_best_prints_cmx_ui_links_and_writes_the_sweep_view(tmp_path: Path) -> None:
     from cmx.cli.main import cli
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _record_sweep(tmp_path, uri, "lnk")
+    record_sweep(tmp_path / "state", uri, "lnk")
     client = make_client(uri)
     exp = client.get_experiment_by_name("lnk")
     assert exp.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING  # set when the Tracker created it

@@ -71,3 +71,24 @@ def trial_rows(trial_dir: Path) -> list[dict]:
     """The rows of a trial's `result.json` (one per reported epoch); [] before its first."""
     result = trial_dir / "result.json"
     return [json.loads(line) for line in result.read_text().splitlines()] if result.exists() else []
+
+
+SEARCHED = ("optim.lr", "model.dim")  # the searched parameters of `record_sweep`
+
+
+def record_sweep(state_dir: Path, uri: str, name: str) -> None:
+    """A finished sweep as the MLflow callback records it (parent + 3 trials, objective `min val/loss`,
+    trial_1 best), written through the Tracker into `uri`: no Ray, no training."""
+    from cmx.core import metrics as M
+    from cmx.tracking.tracker import Tracker
+
+    t = Tracker(state_dir, uri, experiment=name)
+    t.start_run("sweep", name=name, tags={"cmx.role": "sweep", "cmx.sweep": name, "cmx.objective": "min val/loss"})
+    for i, loss in enumerate((0.9, 0.4, 0.7)):
+        key = f"trial:{i}"
+        t.start_run(key, name=f"trial_{i}", parent="sweep", tags={"cmx.role": "trial", "cmx.trial_id": f"t{i}"})
+        t.log(key, params={"optim.lr": str(0.01 * (i + 1)), "model.dim": str(32 * (i + 1))},
+              tags={"cmx.searched": ", ".join(SEARCHED)})  # fmt: skip
+        t.log(key, metrics={M.VAL_LOSS: loss, f"best/{M.VAL_LOSS}": loss}, step=1)
+        t.end_run(key, M.TrialStatus.COMPLETED)
+    t.end_run("sweep", M.TrialStatus.COMPLETED)
