@@ -18,13 +18,19 @@ parallel-coordinates chart of the searched parameters against it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from mlflow.exceptions import MlflowException
+
+from cmx.core.errors import TrackingError
 from cmx.tracking.query import objective_of, pick_best, sweep_trials
-from cmx.tracking.store import PARENT_TAG, TAG_STATUS, TAG_SWEEP, is_server_uri, make_client
+from cmx.tracking.store import PARENT_TAG, TAG_STATUS, TAG_SWEEP, is_server_uri, make_client, short
+
+log = logging.getLogger("cmx.tracking")
 
 # The experiment kind MLflow's UI offers for classic training ("Machine learning"); set on every
 # experiment cmx creates. MLflow 3.17's UI ignores it (see the module doc), other releases read it.
@@ -133,9 +139,17 @@ def sweep_view_state(parent_run_id: str, metric: str, mode: str, searched: list[
 
 
 def ensure_model_training_kind(client: Any, experiment_id: str, tags: dict[str, str]) -> None:
-    """Tag an experiment as model training unless it already has a kind (a user's choice stays)."""
-    if not tags.get(EXPERIMENT_KIND_TAG):
+    """Tag an experiment as model training unless it already has a kind (a user's choice stays).
+
+    A store that refuses (a user without write access to an experiment someone else created) costs
+    a warning: the tag only labels the experiment.
+    """
+    if tags.get(EXPERIMENT_KIND_TAG):
+        return
+    try:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    except MlflowException as e:
+        log.warning("experiment %s not tagged as model training: %s", experiment_id, short(str(e)))
 
 
 def sweep_links(uri: str, sweep: str | None = None, local_ui: str | None = None) -> SweepLinks:
@@ -157,7 +171,13 @@ def sweep_links(uri: str, sweep: str | None = None, local_ui: str | None = None)
     key = view_key(parent.run_id)
     state = json.dumps(sweep_view_state(parent.run_id, metric, mode, searched), sort_keys=True)
     if experiment.tags.get(SHARED_VIEW_TAG + key) != state:
-        client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, state)
+        try:
+            client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, state)
+        except MlflowException as e:
+            raise TrackingError(
+                f"could not save sweep {parent.tags.get(TAG_SWEEP)!r}'s view in experiment {experiment_id}: {short(str(e))}",
+                "the links need write access to the experiment's tags",
+            ) from None
     best = pick_best(parent, trials)
     base = ui_base(uri, local_ui)
     return SweepLinks(
