@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 from support.cli import run_cmx, start_cmx
 from support.ray_processes import kill_ray_started_with
 from support.sweeps import trial_rows, write_spec
 
 from cmx.core.sweep_spec import load_sweep_spec
 from cmx.sweep.promotion_asha import RungBook, rung_milestones
+from cmx.sweep.storage import STUDY_FILE
+from cmx.sweep.study import TRIAL_ID_ATTR, journal_storage
 from cmx.sweep.tuner import run_sweep
 
 pytestmark = pytest.mark.timeout(900)
@@ -84,13 +88,17 @@ def test_trials_pause_at_rungs_and_only_the_best_resume(
     statuses = [t.status for t in outcome.trials]
     assert statuses.count("completed") >= 1 and statuses.count("stopped early") >= 5, statuses
     assert outcome.best is not None and outcome.best_checkpoint and Path(outcome.best_checkpoint).is_dir()
-    # TPE heard of every trial: each waiting trial when it first paused, the others when they ended.
-    from ray.tune.search.optuna import OptunaSearch
-
-    searcher = OptunaSearch()
-    searcher.restore_from_dir(outcome.path)
-    states = [t.state.name for t in searcher._ot_study.trials]  # noqa: SLF001
-    assert states == ["COMPLETE"] * 8, states
+    # TPE heard of every trial: each waiting trial when it first paused (PRUNED there, with its
+    # epochs so far), the others when they ended; the sweep's study holds all eight, none RUNNING.
+    study = optuna.load_study(study_name="promo8", storage=journal_storage(Path(outcome.path) / STUDY_FILE))
+    states = {t.user_attrs[TRIAL_ID_ATTR]: t for t in study.trials}
+    assert sorted(states) == sorted(t.trial_id for t in outcome.trials)
+    for row in outcome.trials:
+        told = states[row.trial_id]
+        assert told.state in (TrialState.COMPLETE, TrialState.PRUNED), told
+        assert told.intermediate_values and told.values == [told.intermediate_values[max(told.intermediate_values)]]
+        if row.epochs == 1:  # paused at the first rung and never resumed
+            assert told.state == TrialState.PRUNED and list(told.intermediate_values) == [1], told
     # Tune's saved state says every trial ended, so re-running the finished sweep trains nothing more.
     (state_file,) = Path(outcome.path).glob("experiment_state-*.json")
     saved = json.loads(state_file.read_text())["trial_data"]
