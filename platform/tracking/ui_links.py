@@ -6,7 +6,7 @@ side it shows comes from the `workflowType` URL parameter, else from the browser
 by this release (docs/architecture.md, MLflow). Its runs page shows only the parent row of a
 sweep, collapsed, with no metric columns: which rows are expanded and which columns are shown live
 in localStorage too, except for a *shared view*, an experiment tag `mlflow.sharedViewState.KEY`
-that the URL parameter `viewStateShareKey=KEY` applies (the UI's own "Share" button writes one).
+that the URL parameter `viewStateShareKey=KEY` applies (the UI's own view sharing writes them).
 
 So every link here carries `workflowType=machine_learning`, and a sweep's links name a shared
 view that cmx writes: the sweep's trials (filtered by their parent run, so none is hidden under a
