@@ -50,8 +50,12 @@ def space_file(
     grace_period: int = 1,
     reduction_factor: int = 2,
     scheduler_metric: str | None = None,
+    warm_start: list[str] | None = None,
 ) -> Path:
-    """One sweep definition; only algorithm/scheduler differ between the compared runs."""
+    """One sweep definition; only algorithm/scheduler differ between the compared runs.
+
+    `warm_start` names earlier sweeps under the same `tmp / "sweeps"` whose trials seed this one's
+    sampler (`search.warm_start`)."""
     spec = {
         "name": name,
         "base": {
@@ -81,7 +85,12 @@ def space_file(
             "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2},
             "schedule.name": {"type": "choice", "values": ["onecycle", "cosine"]},
         },
-        "search": {"algorithm": algorithm, "seed": seed, "num_samples": trials},
+        "search": {
+            "algorithm": algorithm,
+            "seed": seed,
+            "num_samples": trials,
+            **({"warm_start": warm_start} if warm_start else {}),
+        },
         "scheduler": {
             "name": scheduler,
             "grace_period": grace_period,
