@@ -22,6 +22,7 @@ from cmx.models import (
 )
 from cmx.models import registry as registry_module
 from cmx.models.convmixer import MixedDepthwiseConv2d
+from cmx.models.flops import traced_flops
 
 IMAGENET_VARIANTS = {"convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20_ks9_p14"}
 
@@ -310,6 +311,24 @@ def test_flops_match_the_formula() -> None:
     assert count_flops("convmixer_nano") == 2 * macs
     assert count_flops("convmixer_nano", 64) == count_flops("convmixer_nano", (3, 64, 64))
     assert count_flops("convmixer_nano", batch_size=2) == 4 * macs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "size"),
+    [
+        ({}, (3, 32, 32)),
+        ({"kernel_size": [[3, 5], 5, 7, 9]}, (3, 30, 33)),  # mixed kernels; sides not multiples of the patch
+        ({"kernel_size": [{"blocks": 2, "kernel_size": 3}, {"blocks": 2, "kernel_size": 7}]}, (3, 28, 28)),
+        ({"patch_size": 7, "num_classes": 0}, (3, 224, 160)),
+        ({"in_chans": 1, "dim": 48}, (1, 28, 28)),
+    ],
+)
+def test_closed_form_flops_equal_torchs_flop_counter(overrides: dict, size: tuple[int, int, int]) -> None:
+    """The closed form a trial uses (no tracing) counts exactly what FlopCounterMode counts."""
+    model = create_model("convmixer_tiny", **overrides)
+    assert isinstance(model, ConvMixer)
+    assert count_flops(model, size) == traced_flops(model, size, 224) > 0
+    assert count_flops(model, size, batch_size=3) == traced_flops(model, size, 224, batch_size=3)
 
 
 def test_flops_of_an_instance_leave_it_untouched() -> None:
