@@ -36,6 +36,7 @@ from cmx.pipelines.ffcv_compat import (
     start_epoch,
 )
 from cmx.pipelines.images import find_classes, load_rgb, scan_image_folder
+from cmx.pipelines.loader_reuse import FFCV_LOADERS, loader_key
 
 if TYPE_CHECKING:
     import torch
@@ -212,6 +213,35 @@ class FFCVLoader(_Base):
         std = np.array(cfg.std) * 255
         on_gpu = self.device.type == "cuda"
         self._normalize_in_torch = on_gpu and not _cupy_available()
+        key = loader_key(
+            path, cfg, self.split, indices, res=res, device=self.device, seed=self.seed, rank=self.rank,
+            world=self.world_size, order=order_name, distributed=ffcv_distributed, batch=self.batch_size,
+        )  # fmt: skip
+        kept = FFCV_LOADERS.get(key)
+        if kept is not None:  # a reused actor's next trial: same file, same pipeline
+            self._ffcv, self.decoder, self._iterator_cls = kept
+        else:
+            self._ffcv, self.decoder, self._iterator_cls = self._build_native(
+                path, res, mean, std, on_gpu, order_name, ffcv_distributed, indices
+            )
+            FFCV_LOADERS.put(key, (self._ffcv, self.decoder, self._iterator_cls))
+        if self._normalize_in_torch:
+            self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+            self._inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).view(1, 3, 1, 1)
+
+    def _build_native(
+        self,
+        path: Path,
+        res: int,
+        mean: np.ndarray,
+        std: np.ndarray,
+        on_gpu: bool,
+        order_name: str,
+        ffcv_distributed: bool,
+        indices: np.ndarray,
+    ) -> tuple[Any, Any, type]:
+        """A new FFCV `Loader`, its crop decoder (resized per epoch) and the guarded iterator class."""
+        cfg = self.cfg
         with ffcv_imported():
             from ffcv.fields.basics import IntDecoder
             from ffcv.fields.rgb_image import (
@@ -233,10 +263,8 @@ class FFCVLoader(_Base):
 
             if self.train:
                 aug = cfg.augment
-                self.decoder = RandomResizedCropRGBImageDecoder(
-                    (res, res), scale=tuple(aug.scale), ratio=tuple(aug.ratio)
-                )
-                image_pipeline: list[Any] = [self.decoder]
+                decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(aug.scale), ratio=tuple(aug.ratio))
+                image_pipeline: list[Any] = [decoder]
                 if aug.hflip:
                     image_pipeline.append(RandomHorizontalFlip())
                 if aug.color_jitter > 0:  # FFCV's native jitter: no hue, like ours on torchvision
@@ -247,8 +275,8 @@ class FFCVLoader(_Base):
                         RandomSaturation(c, p=1.0),
                     ]
             else:
-                self.decoder = CenterCropRGBImageDecoder((res, res), ratio=cfg.center_crop_ratio)
-                image_pipeline = [self.decoder]
+                decoder = CenterCropRGBImageDecoder((res, res), ratio=cfg.center_crop_ratio)
+                image_pipeline = [decoder]
             if on_gpu:
                 # The FFCV ImageNet recipe: uint8 to the GPU, then normalize there.
                 image_pipeline += [
@@ -273,7 +301,7 @@ class FFCVLoader(_Base):
             }
             pipelines = {"image": image_pipeline, "label": label_pipeline}
             check_pipeline_order(path, pipelines)
-            self._ffcv = FFCVNative(
+            native = FFCVNative(
                 str(path),
                 batch_size=self.batch_size,
                 num_workers=max(1, cfg.num_workers),
@@ -286,10 +314,7 @@ class FFCVLoader(_Base):
                 drop_last=self.drop_last,
                 batches_ahead=cfg.batches_ahead,
             )
-            self._iterator_cls = guarded_epoch_iterator_class()
-        if self._normalize_in_torch:
-            self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-            self._inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).view(1, 3, 1, 1)
+            return native, decoder, guarded_epoch_iterator_class()
 
     def __len__(self) -> int:
         return len(self._ffcv)

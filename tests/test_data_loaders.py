@@ -5,6 +5,10 @@ Each new FFCV Loader JIT-compiles for seconds, so loaders are module-scoped and 
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from support.data import CLASSES, make_clean_folder, make_square_folder
 
 from cmx.core.config import AugmentConfig, DataConfig, ProgressiveResize, validate_config
 from cmx.core.errors import ConfigError, DataError
-from cmx.pipelines.beton import convert_image_folder
+from cmx.pipelines.beton import convert_image_folder, sidecar_path
 from cmx.pipelines.ffcv_compat import check_pipeline_order, ffcv_imported
 from cmx.pipelines.images import load_rgb_array, scan_image_folder
 from cmx.pipelines.loaders import Loader, build_loader
@@ -257,3 +261,57 @@ def test_fashion_mnist_at_28px_both_backends(fashion) -> None:
     # raw .beton written from the exported JPEGs: the very pixels PIL decodes, grey in all 3 channels
     torch.testing.assert_close(fx, tx, atol=1e-6, rtol=0)
     assert torch.equal(fx[:, 0], fx[:, 1]) and torch.equal(fx[:, 1], fx[:, 2])
+
+
+def test_a_second_loader_of_the_same_pipeline_reuses_the_first(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reused actor's next trial gets the kept FFCV loader (same batches); any change builds a new one."""
+    beton = tmp_path / "copy.beton"
+    beton.write_bytes(data["clean_jpg"].read_bytes())
+    shutil.copy(sidecar_path(data["clean_jpg"]), sidecar_path(beton))  # the class names
+    cfg = DataConfig(val_path=str(beton), val_resolution=20, val_batch_size=5, num_workers=1)
+    first = build_loader(cfg, "val")
+    second = build_loader(cfg, "val")
+    assert second._ffcv is first._ffcv and second.decoder is first.decoder
+    a, b = _all(first), _all(second)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    other = build_loader(cfg.model_copy(update={"val_resolution": 16}), "val")
+    assert other._ffcv is not first._ffcv
+    assert _all(other)[0].shape == (12, 3, 16, 16)
+    beton.write_bytes(beton.read_bytes())  # same bytes, a newer file: never trusted to be the same
+    os.utime(beton, ns=(beton.stat().st_atime_ns, beton.stat().st_mtime_ns + 10**9))
+    assert build_loader(cfg, "val")._ffcv is not first._ffcv
+    monkeypatch.setenv("CMX_LOADER_REUSE", "0")
+    off1, off2 = build_loader(cfg, "val"), build_loader(cfg, "val")
+    assert off1._ffcv is not off2._ffcv
+
+
+JIT_PROBE = """
+import sys
+from cmx.pipelines.ffcv_compat import ffcv_imported
+from cmx.pipelines.loaders import build_loader
+from cmx.core.config import DataConfig
+with ffcv_imported():
+    import numba.typed.typeddict as td
+loader = build_loader(DataConfig(val_path=sys.argv[1], val_resolution=20, val_batch_size=5, num_workers=1), "val")
+images, _ = next(iter(loader))
+print(sum(td._setitem.stats.cache_hits.values()), tuple(images.shape))
+"""
+
+
+def test_what_ffcv_compiles_is_kept_in_numbas_disk_cache(data, tmp_path: Path) -> None:
+    """A fresh process loads what an earlier one compiled: the typed dict FFCV fills at import and
+    the ops of the pipeline (index files per FFCV module), from `NUMBA_CACHE_DIR`."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", JIT_PROBE, str(data["clean_jpg"])],
+            env=env, capture_output=True, text=True, timeout=300, check=True,
+        ).stdout.split()  # fmt: skip
+        for _ in range(2)
+    ]
+    assert runs[0][0] == "0" and runs[0][1:] == runs[1][1:]  # the first compiles and saves
+    assert int(runs[1][0]) >= 1  # the second loads
+    indexed = {p.parent.name.split("_")[0] for p in (tmp_path / "numba").rglob("*.nbi")}
+    assert {"typed", "fields", "transforms"} <= indexed, indexed

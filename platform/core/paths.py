@@ -30,6 +30,14 @@ def sweeps_dir() -> Path:
     return cmx_home() / "sweeps"
 
 
+def jit_cache_dir() -> Path:
+    """numba's on-disk cache for what FFCV compiles: `$NUMBA_CACHE_DIR`, else `$XDG_CACHE_HOME/cmx/numba`
+    (`~/.cache/cmx/numba`). One per machine, shared by every `$CMX_HOME`: entries are keyed by code."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "cmx" / "numba"
+
+
 def safe_child(parent: str | Path, name: str, what: str) -> Path:
     """`parent/name`, refusing a `name` that would leave `parent` (`..`, an absolute path, a `/`).
 
