@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 TESTED = ((1, 0, 2), (1, 1, 0))  # [low, high)
 # The numba releases whose dispatcher cache `enable_jit_cache` was read in and tested with.
 NUMBA_TESTED = ((0, 60), (0, 69))
+JIT_CACHE_ENV = "CMX_JIT_CACHE"  # 0/false/off: compile in every process, as FFCV does alone
 
 
 def check_version() -> str:
@@ -86,11 +87,14 @@ def enable_jit_cache() -> Path | None:
     get numba's cache: the entries are keyed by source, closure values and argument types, so a
     pipeline with other sizes or options compiles its own. Ops that call FFCV's C library through
     ctypes pointers cannot be cached (numba refuses "dynamic globals") and still compile, quietly.
-    Returns the cache folder, or None where the installed numba is outside the tested range.
+    Returns the cache folder, or None where it stays off: `CMX_JIT_CACHE=0`, a numba outside the
+    tested range, or a folder that cannot be written.
     """
     global _jit_cache
     if _jit_cache is not None:
         return _jit_cache
+    if os.environ.get(JIT_CACHE_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
     try:
         checked_version("numba", "numba", NUMBA_TESTED, CmxError, missing_hint="", install_hint="")
     except CmxError as e:
