@@ -77,6 +77,21 @@ class EpochReport:
     metrics: dict[str, float]  # keys: cmx.metrics constants
     checkpoint_dir: Path | None  # holds only this epoch's checkpoint file; None on ranks > 0
     is_best: bool
+    setup: dict[str, float] = field(default_factory=dict)  # first report of a start or resume: SetupClock
+
+
+@dataclass
+class SetupClock:
+    """Seconds a run (or a resume) spent before training, by phase: where a cold start goes."""
+
+    restore: float = 0.0  # reading the checkpoint to resume from
+    loaders: float = 0.0  # building the train and val loaders
+    model: float = 0.0  # model, optimizer, schedule (and restoring their state)
+    first_batch: float = 0.0  # the first batch of the first epoch (FFCV's compiled pipeline)
+
+    def metrics(self) -> dict[str, float]:
+        """As reported metrics: `time/setup/<phase>_s`."""
+        return {f"{M.SETUP_PREFIX}{k}_s": v for k, v in asdict(self).items()}
 
 
 Reporter = Callable[[EpochReport], None]
@@ -382,6 +397,7 @@ class EpochStats:
     lr: float
     diverged: bool = False
     bad_loss: float = 0.0
+    first_batch_s: float = 0.0  # waiting for the first batch (FFCV compiles its pipeline then)
 
 
 def _loss(logits: torch.Tensor, images_targets: torch.Tensor, smoothing: float, soft: bool) -> torch.Tensor:
@@ -410,7 +426,10 @@ def train_loop(
     samples, lr, shown = 0, parts.optimizer.param_groups[0]["lr"], None
     total = len(loader)
     start = time.perf_counter()
+    first_batch_s = 0.0
     for i, (images, labels) in enumerate(_batches(loader, rt)):
+        if i == 0:
+            first_batch_s = time.perf_counter() - start
         images = images.contiguous(memory_format=_memory_format(config))
         targets, soft = labels, False
         if parts.mixup is not None:
@@ -443,7 +462,7 @@ def train_loop(
             if dist.any_rank(not math.isfinite(value)):
                 if rt.device.type == "cuda":
                     torch.cuda.synchronize(rt.device)
-                return EpochStats(value, samples, time.perf_counter() - start, lr, True, value)
+                return EpochStats(value, samples, time.perf_counter() - start, lr, True, value, first_batch_s)
             shown = value / max(samples, 1)
         if on_step is not None:
             on_step(i + 1, shown)
@@ -452,8 +471,8 @@ def train_loop(
     seconds = time.perf_counter() - start
     value = float(loss_sum)
     if dist.any_rank(not math.isfinite(value)):  # the last batch's check when len() was unknown
-        return EpochStats(value, samples, seconds, lr, True, value)
-    return EpochStats(value, samples, seconds, lr)
+        return EpochStats(value, samples, seconds, lr, True, value, first_batch_s)
+    return EpochStats(value, samples, seconds, lr, first_batch_s=first_batch_s)
 
 
 @torch.no_grad()
@@ -773,10 +792,13 @@ def train(
     with _TorchFlags():
         rt = setup_runtime(config)
         main = rt.rank == 0
+        clock, tick = SetupClock(), time.perf_counter()
         ckpt = load_checkpoint(resolve_checkpoint(resume_from)) if resume_from is not None else None
+        clock.restore, tick = time.perf_counter() - tick, time.perf_counter()
         seed_everything(config.loop.seed + rt.rank)
         train_loader = create_train_loader(config, rt)
         val_loader = create_val_loader(config.data, rt, config.loop.seed)
+        clock.loaders, tick = time.perf_counter() - tick, time.perf_counter()
         check_same_classes(
             config.data.train_path, train_loader.class_names, config.data.val_path, val_loader.class_names
         )
@@ -796,13 +818,14 @@ def train(
         class_names = list(train_loader.class_names)
         seed_everything(config.loop.seed + rt.rank)  # the training stream (model init re-seeds)
         state = restore(parts, ckpt, config, rt) if ckpt is not None else RunState()
+        clock.model = time.perf_counter() - tick
         if main:
             run.prepare(config, state, resumed=ckpt is not None)
         display = Display(progress and main, config.loop.epochs)
         if ckpt is not None:
             display.say(f"resumed from epoch {state.epoch} (step {state.step})")
         status, message = _run_epochs(
-            config, rt, run, parts, state, train_loader, val_loader, class_names, reporter, display
+            config, rt, run, parts, state, train_loader, val_loader, class_names, reporter, display, clock
         )
         best = run.best_dir / CHECKPOINT_FILE
         result = TrainResult(
@@ -858,6 +881,7 @@ def _run_epochs(
     class_names: list[str],
     reporter: Reporter | None,
     display: Display,
+    clock: SetupClock | None = None,
 ) -> tuple[TrialStatus, str]:
     """The epoch loop: train, validate, record, checkpoint, report, stop early or on divergence."""
     loop, main = config.loop, rt.rank == 0
@@ -897,7 +921,10 @@ def _run_epochs(
             run.append_metrics({**state.history[-1], "step": state.step, "is_best": is_best})
         display.end_epoch(state.epoch, metrics, is_best)
         if reporter is not None:
-            reporter(EpochReport(state.epoch, dict(metrics), checkpoint_dir, is_best))
+            setup = {}
+            if clock is not None:  # the first epoch of this start or resume
+                clock.first_batch, setup, clock = stats.first_batch_s, clock.metrics(), None
+            reporter(EpochReport(state.epoch, dict(metrics), checkpoint_dir, is_best, setup))
         if stop:
             return TrialStatus.PATIENCE_STOPPED, (
                 f"early stop: {loop.early_stop_metric} did not improve for {loop.early_stop_patience} "

@@ -11,6 +11,9 @@ VAL_TOP5 = "val/top5"
 LR = "train/lr"
 IMAGES_PER_SEC = "train/images_per_sec"
 EPOCH_SECONDS = "time/epoch_seconds"
+# Where a start or resume spent its seconds before training (reported with its first epoch).
+SETUP_PREFIX = "time/setup/"
+SETUP_SECONDS = "time/setup_seconds"  # their sum: trial start to the first batch
 PEAK_MEMORY_MB = "system/peak_memory_mb"
 EPOCH = "epoch"
 

@@ -7,6 +7,7 @@ The trial function builds the trial's TrainConfig from the sampled values, train
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,25 @@ def worst_value(metric: str, mode: str) -> float:
     return 1e9
 
 
+_trials_in_this_process = 0
+
+
+def _worker_start_seconds() -> float:
+    """Seconds from this process's start to now on its first trial (a fresh worker's start and
+    imports); 0 for later trials of a reused actor."""
+    global _trials_in_this_process
+    _trials_in_this_process += 1
+    if _trials_in_this_process > 1:
+        return 0.0
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
 def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     """The Tune function: build the trial's TrainConfig, train, report every epoch."""
+    worker_s = _worker_start_seconds()
+    entered = time.perf_counter()
     import torch
     from ray import tune
 
@@ -45,6 +63,7 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
 
     # Where the trial ran: shown per epoch so a retried trial's move to another node is visible.
     extra: dict[str, Any] = {**_model_cost(cfg), NODE_ID: ray.get_runtime_context().get_node_id()}
+    trial_setup = {f"{metrics.SETUP_PREFIX}worker_s": worker_s, f"{metrics.SETUP_PREFIX}trial_s": 0.0}
     if spec.resources.workers == 1:
         threads = max(1, int(spec.resources.cpus))
         torch.set_num_threads(threads)
@@ -67,9 +86,12 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
             )
             return
 
+        trial_setup[f"{metrics.SETUP_PREFIX}trial_s"] = time.perf_counter() - entered  # config, cost, checkpoint
+
         def report(r: Any) -> None:
             ckpt = tune.Checkpoint.from_directory(str(r.checkpoint_dir)) if r.checkpoint_dir else None
-            tune.report({**r.metrics, **extra, metrics.EPOCH: r.epoch}, checkpoint=ckpt)
+            setup = {**trial_setup, **r.setup, metrics.SETUP_SECONDS: sum(trial_setup.values()) + sum(r.setup.values())}
+            tune.report({**r.metrics, **extra, **(setup if r.setup else {}), metrics.EPOCH: r.epoch}, checkpoint=ckpt)
 
         result = train(cfg, run_dir, reporter=report, resume_from=resume_from, progress=False)
     if result.status == TrialStatus.DIVERGED:
