@@ -14,11 +14,14 @@ from typing import Any
 
 import optuna
 import pytest
+from click.testing import CliRunner, Result
 from optuna.trial import TrialState
 from support.browser import rendered_text
 from support.cli import run_cmx, start_cmx
 from support.sweeps import write_spec
 
+from cmx.cli.main import cli
+from cmx.core.errors import ConfigError
 from cmx.core.net import is_listening
 from cmx.sweep.storage import STUDY_FILE
 from cmx.sweep.study import STATUS_ATTR, TRIAL_ID_ATTR, WARM_ATTR, journal_storage
@@ -34,13 +37,18 @@ POINTS = [
 ]
 
 
+def _cmx(*args: str) -> Result:
+    """`cmx ARGS` in this process (the commands that start no server or Ray)."""
+    return CliRunner(env={"COLUMNS": "200"}).invoke(cli, list(args))
+
+
 def _load(folder: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=journal_storage(folder / STUDY_FILE))
 
 
 @pytest.fixture(scope="module")
 def sweeps(fmnist_tiny_paths: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Sweep A (5 trials x 2 epochs, ASHA, one at a time, val/loss), then sweep B warm-started
+    """Sweep A (4 trials x 2 epochs, ASHA, one at a time, val/loss), then sweep B warm-started
     from A over a space that keeps only A's dim-8 trials (1 trial x 1 epoch)."""
     import ray
 
@@ -49,7 +57,7 @@ def sweeps(fmnist_tiny_paths: dict[str, str], tmp_path_factory: pytest.TempPathF
 
     tmp = tmp_path_factory.mktemp("study")
     common: dict[str, Any] = {"epochs": 2, "backend": "torchvision"}
-    a = write_spec(tmp, fmnist_tiny_paths, name=A, samples=5, **common,
+    a = write_spec(tmp, fmnist_tiny_paths, name=A, samples=4, **common,
                    search={"metric": "val/loss", "mode": "min", "max_concurrent": 1, "points_to_evaluate": POINTS})  # fmt: skip
     a.write_text(a.read_text() + "constraints: ['model.dim * model.kernel_size <= 60']\n")
     b = write_spec(tmp, fmnist_tiny_paths, name=B, samples=1, **common,
@@ -60,7 +68,7 @@ def sweeps(fmnist_tiny_paths: dict[str, str], tmp_path_factory: pytest.TempPathF
     try:
         out_a = run_sweep(load_sweep_spec(a), source_text=a.read_text())
         a_seconds = time.monotonic() - started
-        dry = run_cmx("sweep", "--space", str(b), "--dry-run", timeout=120)
+        dry = _cmx("sweep", "--space", str(b), "--dry-run")
         out_b = run_sweep(load_sweep_spec(b), source_text=b.read_text())
     finally:
         ray.shutdown()
@@ -72,7 +80,7 @@ def test_study_holds_every_trial_with_its_true_end(sweeps: dict[str, Any]) -> No
     study = _load(sweeps["root"] / A, A)
     trials = study.get_trials()
     rows = {r.trial_id: r for r in sweeps["a"].trials}
-    assert len(trials) == len(rows) == 5
+    assert len(trials) == len(rows) == 4
     assert {t.user_attrs[TRIAL_ID_ATTR] for t in trials} == set(rows)  # one Optuna trial per Tune trial
     expected = {"completed": TrialState.COMPLETE, "stopped early": TrialState.PRUNED, "rejected": TrialState.FAIL}
     for t in trials:
@@ -109,23 +117,23 @@ def test_warm_start_seeds_the_new_study_with_fitting_trials(sweeps: dict[str, An
     assert len(own) == 1 and own[0].state == TrialState.COMPLETE  # B's own trial ran after them
     assert len(sweeps["b"].trials) == 1  # seeded trials are told to the sampler, not run again
     dry = sweeps["dry"]
-    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
-    assert f"warm start: {len(fits)} trials taken from {A} ({len(fits)}); {len(old) - len(fits)} skipped" in dry.stdout
-    assert re.search(rf"warm start: skipped trial \d+ of '{A}': model.dim=16 is outside choices \[8, 12\]", dry.stdout)
+    assert dry.exit_code == 0, dry.output[-2000:]
+    assert f"warm start: {len(fits)} trials taken from {A} ({len(fits)}); {len(old) - len(fits)} skipped" in dry.output
+    assert re.search(rf"warm start: skipped trial \d+ of '{A}': model.dim=16 is outside choices \[8, 12\]", dry.output)
 
 
 def test_warm_start_from_an_unknown_sweep_names_the_field(sweeps: dict[str, Any]) -> None:
     spec = sweeps["b_spec"]
     bad = spec.with_name("bad.yaml")
     bad.write_text(spec.read_text().replace(f"- {A}", "- nosuch"))
-    out = run_cmx("sweep", "--space", str(bad), "--dry-run", timeout=120)
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "search.warm_start: 'nosuch': no sweep named 'nosuch'" in out.stderr, out.stderr
+    out = _cmx("sweep", "--space", str(bad), "--dry-run")
+    assert isinstance(out.exception, ConfigError), out.output
+    assert f"{bad}: search.warm_start: 'nosuch': no sweep named 'nosuch'" in out.exception.one_line()
 
 
 def test_dashboard_unknown_sweep_and_grid_are_one_line_errors(sweeps: dict[str, Any], tmp_path: Path) -> None:
-    out = run_cmx("sweep", "dashboard", "nosuch", "--storage", str(sweeps["root"]), timeout=60)
-    assert out.returncode == 2 and "no sweep named 'nosuch'" in out.stderr, out.stderr
+    out = _cmx("sweep", "dashboard", "nosuch", "--storage", str(sweeps["root"]))
+    assert isinstance(out.exception, ConfigError) and "no sweep named 'nosuch'" in str(out.exception), out.output
     (tmp_path / "grid").mkdir()
     (tmp_path / "grid" / "cmx-sweep.yaml").write_text("name: grid\n")
     out = run_cmx("sweep", "dashboard", "grid", "--storage", str(tmp_path), timeout=60)
