@@ -82,21 +82,20 @@ def test_study_holds_every_trial_with_its_true_end(sweeps: dict[str, Any]) -> No
     rows = {r.trial_id: r for r in sweeps["a"].trials}
     assert len(trials) == len(rows) == 4
     assert {t.user_attrs[TRIAL_ID_ATTR] for t in trials} == set(rows)  # one Optuna trial per Tune trial
-    expected = {"completed": TrialState.COMPLETE, "stopped early": TrialState.PRUNED, "rejected": TrialState.FAIL}
+    expected = {"completed": TrialState.COMPLETE, "stopped early": TrialState.PRUNED, "rejected": TrialState.PRUNED}
     for t in trials:
         row = rows[t.user_attrs[TRIAL_ID_ATTR]]
         assert t.state == expected[row.status], (t.number, row.status, t.state)
         assert t.user_attrs[STATUS_ATTR] == row.status.tag
         assert {k: t.params[k] for k in row.params} == row.params
-        if t.state == TrialState.FAIL:  # rejected: never trained, no value, no curve
+        if row.status == "rejected":  # never trained: no value, no curve (TPE ranks it below all others)
             assert t.values is None and not t.intermediate_values
             continue
         # Every epoch's val/loss, keyed by epoch, and the value the sweep ranked it by.
         assert sorted(t.intermediate_values) == list(range(1, row.epochs + 1)), t.intermediate_values
         assert t.values == [t.intermediate_values[row.epochs]]
         assert abs(t.values[0] - row.metrics["val/loss"]) < 1e-9
-    states = [t.state for t in trials]
-    assert {TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE} <= set(states), states
+    assert {"completed", "stopped early", "rejected"} <= {r.status for r in rows.values()}, rows
     best = study.best_trial
     assert (
         best.user_attrs[TRIAL_ID_ATTR]
@@ -152,7 +151,7 @@ def test_dashboard_shows_the_study_and_its_trials_in_chromium(sweeps: dict[str, 
         url, port = match.group(1), int(match.group(2))
         n = len(sweeps["a"].trials)
         # The trial list: the study, each trial with its state, params and cmx's trial id.
-        wanted = [A, f"{n} Trials", "Complete", "Pruned", "Fail", "Best Trial", "model.kernel_size", "cmx_trial_id"]
+        wanted = [A, f"{n} Trials", "Complete", "Pruned", "Best Trial", "model.kernel_size", "cmx_status", "rejected"]
         text = rendered_text(f"{url}/trials", sweeps["tmp"] / "chromium-profile", wanted)
         assert all(w in text for w in wanted), ([w for w in wanted if w not in text], text[-1500:])
         proc.send_signal(signal.SIGTERM)
@@ -162,3 +161,54 @@ def test_dashboard_shows_the_study_and_its_trials_in_chromium(sweeps: dict[str, 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_study_search_ends_and_resume_without_ray_running(tmp_path: Path, fmnist_tiny_paths: dict[str, str]) -> None:
+    """StudySearch driven as Tune drives it (suggest, results, completion, save/restore), on a real
+    journal: every cmx status ends in its Optuna state; a trial proposed after the last save is
+    failed on restore; a trial already ended is not told twice."""
+    from cmx.core.sweep_spec import load_sweep_spec
+    from cmx.sweep.tuner import StudySearch, build_searcher
+
+    spec = load_sweep_spec(write_spec(tmp_path, fmnist_tiny_paths, name="unit", epochs=3))
+    folder = tmp_path / "sweeps" / "unit"
+    searcher = build_searcher(spec, str(folder))
+    assert isinstance(searcher, StudySearch)
+
+    def epoch(n: int, top1: float, **flags: float) -> dict[str, float]:
+        return {"epoch": n, "training_iteration": n, "val/top1": top1, **flags}
+
+    for tid in ("done", "cut", "rej", "div", "err", "late"):
+        assert searcher.suggest(tid) is not None
+    for n in (1, 2, 3):
+        searcher.on_trial_result("done", epoch(n, 10.0 * n))
+    searcher.on_trial_complete("done", epoch(3, 30.0))
+    searcher.on_trial_complete("cut", epoch(1, 12.0))
+    searcher.on_trial_complete("rej", {"epoch": 0, "val/top1": 0.0, "trial/rejected": 1.0})
+    searcher.on_trial_result("div", epoch(1, 11.0))
+    searcher.on_trial_complete("div", {"epoch": 2, "val/top1": 0.0, "trial/diverged": 1.0})
+    searcher.on_trial_complete("err", None, error=True)
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    assert searcher.suggest("after-save") is not None  # the driver dies before the next save
+
+    restored = build_searcher(spec)  # what Tune rebuilds, then restores the saved state into
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("done", epoch(3, 99.0))  # Tune re-reports an ended trial: ignored
+    restored.on_trial_complete("late", epoch(3, 20.0))
+    trials = {t.user_attrs[TRIAL_ID_ATTR]: t for t in _load(folder, "unit").get_trials()}
+    got = {
+        tid: (t.state, t.values, dict(t.intermediate_values), t.user_attrs.get(STATUS_ATTR))
+        for tid, t in trials.items()
+    }
+    nan = got["div"][2][2]
+    assert nan != nan  # the diverged epoch is recorded as NaN, which TPE ranks worst
+    got["div"][2][2] = "nan"
+    assert got == {
+        "done": (TrialState.COMPLETE, [30.0], {1: 10.0, 2: 20.0, 3: 30.0}, "completed"),
+        "cut": (TrialState.PRUNED, [12.0], {1: 12.0}, "stopped_early"),
+        "rej": (TrialState.PRUNED, None, {}, "rejected"),
+        "div": (TrialState.PRUNED, None, {1: 11.0, 2: "nan"}, "diverged"),
+        "err": (TrialState.FAIL, None, {}, "failed"),
+        "late": (TrialState.COMPLETE, [20.0], {3: 20.0}, "completed"),
+        "after-save": (TrialState.FAIL, None, {}, None),
+    }

@@ -31,6 +31,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from cmx.core.errors import ConfigError
+from cmx.core.metrics import TrialStatus
 from cmx.core.paths import safe_child
 from cmx.core.search_space import optuna_space
 from cmx.core.sweep_spec import SweepSpec
@@ -178,6 +179,8 @@ def _misfit(params: dict[str, Any], space: dict[str, BaseDistribution]) -> str |
 def warm_start(spec: SweepSpec, source: str, *, max_notes: int = 10) -> WarmStart:
     """The finished (complete or pruned) trials of the sweeps `search.warm_start` names that fit
     this sweep's space (same keys, values inside its ranges and choices), as new trials of its study.
+    Trials their sweep's constraints rejected carry no result and are skipped (this sweep's own
+    constraints decide what it rejects).
 
     Trials that do not fit are skipped with a note; an unknown sweep, one without a study or one
     under URI storage is a ConfigError naming `search.warm_start`.
@@ -210,7 +213,8 @@ def warm_start(spec: SweepSpec, source: str, *, max_notes: int = 10) -> WarmStar
         for t in study.get_trials(deepcopy=False, states=TAKEN):
             if t.user_attrs.get(WARM_ATTR):
                 continue  # itself a warm start: taken from its own sweep, if listed
-            why = _misfit(t.params, space)
+            rejected = t.user_attrs.get(STATUS_ATTR) == TrialStatus.REJECTED.tag
+            why = "its sweep's constraints rejected it (no result)" if rejected else _misfit(t.params, space)
             if why is not None:
                 out.skipped += 1
                 if len(out.notes) < max_notes:

@@ -8,6 +8,7 @@ scheduler live in their own modules.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -286,8 +287,11 @@ def _repair_saved_state(spec: SweepSpec, path: str) -> None:
 STATES = {
     TrialStatus.COMPLETED: TrialState.COMPLETE,
     TrialStatus.SCHEDULER_STOPPED: TrialState.PRUNED,
-    TrialStatus.REJECTED: TrialState.FAIL,
-    TrialStatus.DIVERGED: TrialState.FAIL,
+    # Stopped by cmx before training (a broken constraint) or when the loss became non-finite: PRUNED
+    # with no value, which TPE ranks below every trial that trained (FAIL trials it would ignore,
+    # and propose the same region again); `cmx_status` says which.
+    TrialStatus.REJECTED: TrialState.PRUNED,
+    TrialStatus.DIVERGED: TrialState.PRUNED,
     TrialStatus.FAILED: TrialState.FAIL,
 }
 
@@ -298,7 +302,8 @@ class StudySearch(OptunaSearch):
     Ray's class tells Optuna COMPLETE whenever a value was reported: an ASHA-stopped trial looked
     finished, a rejected or diverged trial's placeholder worst value looked measured. Here cmx's
     `TrialStatus` decides (`STATES`): completed -> COMPLETE with the objective(s); stopped early ->
-    PRUNED, its value the last intermediate one; rejected, diverged, failed -> FAIL, no value.
+    PRUNED, its value the last intermediate one; rejected -> PRUNED with no intermediate values;
+    diverged -> PRUNED with NaN at the epoch it diverged (no value); failed (raised) -> FAIL.
     Intermediate values are the objective at each of the trainer's epochs (step = `epoch`, as the
     schedulers count). Every trial gets the user attributes `cmx_trial_id` and `cmx_status`.
 
@@ -311,6 +316,7 @@ class StudySearch(OptunaSearch):
     def __init__(self, *, max_epochs: int, **kwargs: Any) -> None:
         self.max_epochs = max_epochs
         self.ended: set[str] = set()
+        self.last_step: dict[str, int] = {}  # per trial, the last epoch told to the study
         super().__init__(**kwargs)
 
     def _metrics(self) -> list[str]:
@@ -332,8 +338,12 @@ class StudySearch(OptunaSearch):
         trial = optuna_search_trials(self).get(trial_id)
         if trial is None or value is None or not math.isfinite(float(value)):
             return
+        step = metrics.epochs_of(result)
+        if step <= self.last_step.get(trial_id, 0):
+            return  # Tune hands a trial's last result to on_trial_complete too
+        self.last_step[trial_id] = step
         try:
-            trial.report(float(value), step=metrics.epochs_of(result))
+            trial.report(float(value), step=step)
         except optuna.exceptions.UpdateFinishedTrialError:
             self.ended.add(trial_id)  # ended in the study before the driver restarted
 
@@ -348,6 +358,9 @@ class StudySearch(OptunaSearch):
             return
         status = status_of(self.max_epochs, result or {}, True if error else None)
         state = STATES.get(status, TrialState.FAIL)
+        if status == TrialStatus.DIVERGED and not isinstance(self.metric, list):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.report(math.nan, step=metrics.epochs_of(result or {}))  # Optuna ranks NaN worst
         values: list[float] | None = None
         if state == TrialState.COMPLETE:
             got = [(result or {}).get(m) for m in self._metrics()]
