@@ -23,8 +23,11 @@ from support.sweeps import write_spec
 from cmx.cli.main import cli
 from cmx.core.errors import ConfigError
 from cmx.core.net import is_listening
+from cmx.core.search_space import preview
+from cmx.core.sweep_spec import load_sweep_spec
 from cmx.sweep.storage import STUDY_FILE
-from cmx.sweep.study import STATUS_ATTR, TRIAL_ID_ATTR, WARM_ATTR, journal_storage
+from cmx.sweep.study import STATUS_ATTR, TRIAL_ID_ATTR, WARM_ATTR, journal_storage, warm_start
+from cmx.sweep.tuner import StudySearch, build_searcher, run_sweep
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # the two sweeps take ~45 s together
 A, B = "study_a", "study_b"
@@ -51,9 +54,6 @@ def sweeps(fmnist_tiny_paths: dict[str, str], tmp_path_factory: pytest.TempPathF
     """Sweep A (4 trials x 2 epochs, ASHA, one at a time, val/loss), then sweep B warm-started
     from A over a space that keeps only A's dim-8 trials (1 trial x 1 epoch)."""
     import ray
-
-    from cmx.core.sweep_spec import load_sweep_spec
-    from cmx.sweep.tuner import run_sweep
 
     tmp = tmp_path_factory.mktemp("study")
     common: dict[str, Any] = {"epochs": 2, "backend": "torchvision"}
@@ -114,6 +114,9 @@ def test_warm_start_seeds_the_new_study_with_fitting_trials(sweeps: dict[str, An
         (t.params["optim.lr"], t.state, t.values) for t in fits
     )
     assert len(own) == 1 and own[0].state == TrialState.COMPLETE  # B's own trial ran after them
+    # The dry run's preview starts from the same history, so it shows the config B then ran.
+    spec_b = load_sweep_spec(sweeps["b_spec"])
+    assert preview(spec_b, 1, warm_start(spec_b, "b").trials) == [own[0].params]
     assert len(sweeps["b"].trials) == 1  # seeded trials are told to the sampler, not run again
     dry = sweeps["dry"]
     assert dry.exit_code == 0, dry.output[-2000:]
@@ -167,9 +170,6 @@ def test_study_search_ends_and_resume_without_ray_running(tmp_path: Path, fmnist
     """StudySearch driven as Tune drives it (suggest, results, completion, save/restore), on a real
     journal: every cmx status ends in its Optuna state; a trial proposed after the last save is
     failed on restore; a trial already ended is not told twice."""
-    from cmx.core.sweep_spec import load_sweep_spec
-    from cmx.sweep.tuner import StudySearch, build_searcher
-
     spec = load_sweep_spec(write_spec(tmp_path, fmnist_tiny_paths, name="unit", epochs=3))
     folder = tmp_path / "sweeps" / "unit"
     searcher = build_searcher(spec, str(folder))

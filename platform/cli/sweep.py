@@ -98,24 +98,24 @@ def sweep(
     if not is_uri(experiment_root(spec)):
         check_dir_target(experiment_root(spec), "--storage" if storage else "storage.path")
     if dry_run:
-        _print_plan(spec, address)
-        _print_warm_start(spec, str(space_path))
+        _print_plan(spec, address, _print_warm_start(spec, str(space_path)))
         return
     if not resume_name:
         _check_warm_start(spec, str(space_path), fresh)
     _run(spec, source_text, address, fresh)
 
 
-def _print_warm_start(spec: SweepSpec, source: str) -> None:
-    """What `search.warm_start` takes, one line, then a note per skipped trial."""
+def _print_warm_start(spec: SweepSpec, source: str) -> list[Any]:
+    """What `search.warm_start` takes, one line, then a note per skipped trial; returns the trials."""
     if not spec.search.warm_start:
-        return
+        return []
     from cmx.sweep.study import warm_start
 
     warm = warm_start(spec, source)
     click.echo(warm.summary())
     for note in warm.notes:
         click.echo(note)
+    return warm.trials
 
 
 def _check_warm_start(spec: SweepSpec, source: str, fresh: bool) -> None:
@@ -158,7 +158,7 @@ def _saved_spec_path(name: str, storage: str | None) -> Path:
     return path
 
 
-def _print_plan(spec: SweepSpec, address: str | None) -> None:
+def _print_plan(spec: SweepSpec, address: str | None, history: list[Any] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -192,7 +192,7 @@ def _print_plan(spec: SweepSpec, address: str | None) -> None:
     for k in keys:
         samples.add_column(k)
     samples.add_column("constraints")
-    for params in preview(spec, 5):
+    for params in preview(spec, 5, history):
         config = constraint_config(trial_config(spec, params), spec.constraints, _variant_arguments)
         rule = violated(spec.constraints, config)
         samples.add_row(*[str(params.get(k)) for k in keys], f"rejected: {rule}" if rule else "ok")

@@ -88,8 +88,9 @@ def grid_size(spec: SweepSpec) -> int:
     return spec.grid_points()
 
 
-def preview(spec: SweepSpec, n: int = 5) -> list[dict[str, Any]]:
-    """The first `n` configs the sampler proposes with this seed (same as the sweep's first)."""
+def preview(spec: SweepSpec, n: int = 5, history: list[Any] | None = None) -> list[dict[str, Any]]:
+    """The first `n` configs the sampler proposes with this seed (same as the sweep's first);
+    `history`: finished `FrozenTrial`s the sweep's study starts with (its warm start)."""
     import optuna
 
     if spec.search.algorithm == "grid":
@@ -103,6 +104,8 @@ def preview(spec: SweepSpec, n: int = 5) -> list[dict[str, Any]]:
         "maximize" if o.mode == "max" else "minimize" for o in spec.objectives()
     ]
     study = optuna.create_study(sampler=make_sampler(spec), directions=directions)
+    if history:
+        study.add_trials(history)
     space = optuna_space(spec)
     out = []
     for point in spec.search.points_to_evaluate[:n]:
