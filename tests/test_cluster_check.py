@@ -327,3 +327,12 @@ def test_auth_rules_read_exports_home_paths_and_rays_defaults(tmp_path: Path) ->
     report = check_cluster_file(write_yaml(tmp_path / "defaults.yaml", local))
     assert {p.key.split("[")[0] for p in report.problems} == {"head_start_ray_commands", "worker_start_ray_commands"}
     assert all("auth mode implicit" in p.message for p in report.problems)
+
+
+def test_excluding_git_is_noted(tmp_path: Path) -> None:
+    """Runs record the shipped commit only when .git travels; a file that drops it gets a note."""
+    assert not any(".git" in n for n in check_cluster_file(LOCAL).notes)
+    data = yaml.safe_load(LOCAL.read_text())
+    data["rsync_exclude"].append(".git")
+    report = check_cluster_file(write_yaml(tmp_path / "nogit.yaml", data))
+    assert report.ok and any("drops .git: runs on the cluster will record no git commit" in n for n in report.notes)

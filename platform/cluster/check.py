@@ -429,6 +429,10 @@ def check_cluster_file(path: str | Path, space: str | Path | None = None) -> Clu
     report.problems.extend(auth_mode_problems(commands))
     report.problems.extend(exposure_problems(commands))
     report.problems.extend(mlflow_auth_problems(commands))
+    excluded = raw.get("rsync_exclude")
+    if isinstance(excluded, list) and any(str(e).strip("/") in (".git", "**/.git") for e in excluded):
+        report.notes.append("rsync_exclude drops .git: runs on the cluster will record no git commit "
+                            "(ship it, as cluster/local.yaml does with rsync_filter: [.gitignore])")  # fmt: skip
     try:
         settings = validate_config(CmxClusterSettings, meta or {}, f"{path}: metadata.cmx")
     except ConfigError as e:
