@@ -307,7 +307,11 @@ def test_what_ffcv_compiles_is_kept_in_numbas_disk_cache(data, tmp_path: Path) -
     runs = [
         subprocess.run(
             [sys.executable, "-c", JIT_PROBE, str(data["clean_jpg"])],
-            env=env, capture_output=True, text=True, timeout=300, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
         ).stdout.split()  # fmt: skip
         for _ in range(2)
     ]
