@@ -11,12 +11,14 @@ Writes benchmarks/results/sweep_efficiency.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from machine import machine_info  # noqa: E402
 
-from cmx.core.metrics import MODES, TRAIN_LOSS, VAL_TOP1, TrialStatus  # noqa: E402
+from cmx.core.metrics import (  # noqa: E402
+    MODES,
+    SETUP_PHASES,
+    SETUP_PREFIX,
+    SETUP_SECONDS,
+    TRAIN_LOSS,
+    VAL_TOP1,
+    TrialStatus,
+)
 
 RESULTS = REPO / "benchmarks" / "results"
 EARLY_METRICS = {m: 1.0 if MODES[m] == "max" else -1.0 for m in (VAL_TOP1, TRAIN_LOSS)}  # sign: higher is better
@@ -117,6 +127,33 @@ def metric_curves(trial_dir: Path) -> dict[str, list[float]]:
     return {m: [row[m] for row in rows if m in row] for m in EARLY_METRICS}
 
 
+def setup_breakdown(row: dict[str, Any]) -> dict[str, float]:
+    """Where one start or resume spent its seconds before the first batch (the trial's time/setup/*)."""
+    out = {k[len(SETUP_PREFIX) : -2]: float(v) for k, v in row.items() if k.startswith(SETUP_PREFIX)}
+    return {**out, "total": float(row[SETUP_SECONDS])}
+
+
+def median_breakdown(setups: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each phase over `setups`."""
+    keys = sorted({k for s in setups for k in s})
+    return {k: statistics.median(s.get(k, 0.0) for s in setups) for k in keys}
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables (inherited by the Ray workers a sweep starts), then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run(path: Path) -> dict[str, Any]:
     """Run one sweep; return best metric, epochs spent, wall time and per-trial overheads."""
     import ray
@@ -129,12 +166,20 @@ def run(path: Path) -> dict[str, Any]:
     outcome = run_sweep(spec, source_text=path.read_text(), fresh=True)
     wall = time.perf_counter() - t0
     ray.shutdown()
-    overheads = []
+    overheads, setups, resumes = [], [], []
     for t in outcome.trials:
         rows = trial_results(Path(t.path))
         if rows and "time/epoch_seconds" in rows[0]:
             overheads.append(rows[0]["time_total_s"] - rows[0]["time/epoch_seconds"])
+        starts = [r for r in rows if SETUP_SECONDS in r]  # the trial's start, then each resume
+        setups += [setup_breakdown(r) for r in starts[:1]]
+        resumes += [setup_breakdown(r) for r in starts[1:]]
     return {
+        "setup_s_median": statistics.median(s["total"] for s in setups) if setups else None,
+        "setup_breakdown_median": median_breakdown(setups),
+        "setups": setups,
+        "resume_setup_s_median": statistics.median(s["total"] for s in resumes) if resumes else None,
+        "resumes": resumes,
         "best_top1": max((t.best or 0.0) for t in outcome.trials),
         "epochs": sum(t.epochs for t in outcome.trials),
         "epochs_per_trial": [t.epochs for t in outcome.trials],
@@ -190,6 +235,53 @@ def print_rank_agreement(console: Console, agreement: dict[str, list[dict[str, f
             cells += [f"{rows[i]['spearman_rho']:.2f}", f"{rows[i]['final_best_rank']} of {trials}"]
         table.add_row(*cells)
     console.print(table)
+
+
+STARTUP_ARMS = {
+    "before": {"CMX_JIT_CACHE": "0", "CMX_LOADER_REUSE": "0"},
+    "after": {"CMX_JIT_CACHE": "1", "CMX_LOADER_REUSE": "1"},
+}
+
+
+def overhead(tmp: Path, data: Any, seed: int, console: Console) -> dict[str, Any]:
+    """Setup before the first batch, per trial, for each arm: fresh actors, reused ones, resumes."""
+    one_lr = {"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}
+    common = {"algorithm": "random", "seed": seed, "space": one_lr}
+    over: dict[str, Any] = {}
+    for arm, env in STARTUP_ARMS.items():
+        with environment(**env, NUMBA_CACHE_DIR=str(tmp / f"numba-{arm}")):
+            if arm == "after":
+                warm = space_file(tmp, data, name="warm-cache", scheduler="none", trials=1, epochs=1, **common)
+                over["after/cold-cache-first-trial"] = run(warm)
+            for reuse in (False, True):
+                label = f"{arm}/{'reused' if reuse else 'fresh'} actors"
+                path = space_file(
+                    tmp, data, name=f"overhead-{arm}-{reuse}", scheduler="none", trials=4, epochs=1, reuse=reuse,
+                    **common,
+                )  # fmt: skip
+                over[label] = run(path)
+            path = space_file(
+                tmp, data, name=f"promotion-{arm}", scheduler="asha-promotion", trials=4, epochs=3, reuse=True,
+                grace_period=1, reduction_factor=2, **common,
+            )  # fmt: skip
+            over[f"{arm}/asha-promotion resumes"] = run(path)
+    table = Table(title="trial setup before the first batch (s, median; 1-epoch trials of convmixer_tiny, 2 at a time)")
+    phases = list(SETUP_PHASES)
+    for col in ("arm", "starts", "setup", *phases, "resumes: setup", "sweep wall s"):
+        table.add_column(col)
+    for label, x in over.items():
+        b = x["setup_breakdown_median"]
+        resume = x["resume_setup_s_median"]
+        table.add_row(
+            label,
+            str(len(x["setups"])),
+            f"{x['setup_s_median']:.2f}" if x["setup_s_median"] is not None else "-",
+            *(f"{b.get(p, 0.0):.2f}" for p in phases),
+            f"{resume:.2f} ({len(x['resumes'])})" if resume is not None else "-",
+            f"{x['wall_s']:.1f}",
+        )
+    console.print(table)
+    return over
 
 
 def main() -> None:
@@ -300,31 +392,12 @@ def main() -> None:
         )
         results["early_rank_agreement"] = early_rank_agreement(r["curves"])
         print_rank_agreement(console, results["early_rank_agreement"], len(r["curves"]))
-    # Overhead: 1-epoch trials so that setup dominates; reuse of actors off vs on.
+    # Overhead: 1-epoch trials so that setup dominates; reuse of actors off vs on; and a paused
+    # asha-promotion trial's resume. "before" is FFCV compiling in every process and every loader
+    # built anew (CMX_JIT_CACHE=0, CMX_LOADER_REUSE=0); "after" starts from an empty numba cache,
+    # filled by one untimed trial first (as the first trial of any sweep on a node fills it).
     if not args.skip_overhead:
-        over = {}
-        for reuse in (False, True):
-            label = "reuse" if reuse else "fresh"
-            path = space_file(
-                tmp,
-                data,
-                name=f"overhead-{label}",
-                algorithm="random",
-                scheduler="none",
-                trials=4,
-                epochs=1,
-                seed=args.seed,
-                reuse=reuse,
-                space={"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
-            )
-            over[label] = run(path)
-        results["overhead"] = over
-        table = Table(title="per-trial overhead (4 one-epoch trials, 2 at a time)")
-        for col in ("actors", "setup before first epoch, median s", "sweep wall s"):
-            table.add_column(col)
-        for label, x in over.items():
-            table.add_row(label, f"{x['overhead_s_median']:.1f}", f"{x['wall_s']:.1f}")
-        console.print(table)
+        results["overhead"] = overhead(tmp, data, args.seed, console)
     out = args.out or RESULTS / "sweep_efficiency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))

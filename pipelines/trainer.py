@@ -923,7 +923,8 @@ def _run_epochs(
         if reporter is not None:
             setup = {}
             if clock is not None:  # the first epoch of this start or resume
-                clock.first_batch, setup, clock = stats.first_batch_s, clock.metrics(), None
+                clock.first_batch = stats.first_batch_s
+                setup, clock = clock.metrics(), None
             reporter(EpochReport(state.epoch, dict(metrics), checkpoint_dir, is_best, setup))
         if stop:
             return TrialStatus.PATIENCE_STOPPED, (

@@ -18,6 +18,8 @@ from support.ray_processes import kill_ray_started_with
 from support.sweeps import trial_rows, write_spec
 
 from cmx.cluster.runtime import RAY_TMP_ENV
+from cmx.core import metrics as M
+from cmx.core.metrics import SETUP_PHASES
 from cmx.core.search_space import preview
 from cmx.core.sweep_spec import load_sweep_spec
 from cmx.sweep.results import sweep_status
@@ -67,6 +69,14 @@ def test_asha_sweep_stops_weak_trials_and_finds_best(
     # On-disk status agrees, without Ray.
     status = sweep_status(outcome.path)
     assert status.complete and len(status.trials) == 6
+    # Each trial says where its setup went, once, with its first epoch (FFCV: a first batch to wait for).
+    for t in outcome.trials:
+        starts = [r for r in trial_rows(Path(t.path)) if M.SETUP_SECONDS in r]
+        assert [r["epoch"] for r in starts] == [1], t.path
+        phases = {k: v for k, v in starts[0].items() if k.startswith(M.SETUP_PREFIX)}
+        assert set(phases) == {f"{M.SETUP_PREFIX}{p}_s" for p in SETUP_PHASES}
+        assert phases[f"{M.SETUP_PREFIX}first_batch_s"] > 0 and phases[f"{M.SETUP_PREFIX}loaders_s"] > 0
+        assert starts[0][M.SETUP_SECONDS] == pytest.approx(sum(phases.values()))
     # Bounded storage: a finished trial keeps its best and its last epoch's checkpoints, no more.
     for t in outcome.trials:
         kept = sorted(p.name for p in Path(t.path).glob("checkpoint_*"))
@@ -186,6 +196,10 @@ def test_lost_node_trial_resumes_from_checkpoint_on_another(
         # Resumed from the last epoch checkpoint, not from scratch: the trainer's epoch counter
         # never went back to 1 and ended at the full budget.
         assert epochs.count(1) == 1 and epochs[-1] == 6, epochs
+        # The resume reported its own setup, with the checkpoint it read.
+        resumed = [r for r in rows if M.SETUP_SECONDS in r]
+        assert len(resumed) == 2 and resumed[1]["epoch"] > 1, [r["epoch"] for r in resumed]
+        assert resumed[1][f"{M.SETUP_PREFIX}restore_s"] > 0
         node_ids = {r["trial/node_id"] for r in rows}
         assert len(node_ids) == 2, "the trial should have moved to the surviving node"
     finally:

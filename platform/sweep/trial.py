@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cmx.sweep as sweep_package
 from cmx.cluster.data_parallel import run_data_parallel
 from cmx.core import metrics
 from cmx.core.constraints import violated
@@ -29,24 +30,21 @@ def worst_value(metric: str, mode: str) -> float:
     return 1e9
 
 
+IMPORTS_DONE = time.perf_counter()  # this module and what it imports (torch, the trainer): see imports_s
 _trials_in_this_process = 0
 
 
-def _worker_start_seconds() -> float:
-    """Seconds from this process's start to now on its first trial (a fresh worker's start and
-    imports); 0 for later trials of a reused actor."""
+def _import_seconds() -> float:
+    """How long this process took to import the trial function (torch, FFCV's users, the trainer)
+    on its first trial; 0 for later trials of a reused actor, which import nothing."""
     global _trials_in_this_process
     _trials_in_this_process += 1
-    if _trials_in_this_process > 1:
-        return 0.0
-    import psutil
-
-    return max(0.0, time.time() - psutil.Process().create_time())
+    return IMPORTS_DONE - sweep_package.IMPORTED_AT if _trials_in_this_process == 1 else 0.0
 
 
 def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     """The Tune function: build the trial's TrainConfig, train, report every epoch."""
-    worker_s = _worker_start_seconds()
+    imports_s = _import_seconds()
     entered = time.perf_counter()
     import torch
     from ray import tune
@@ -63,7 +61,7 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
 
     # Where the trial ran: shown per epoch so a retried trial's move to another node is visible.
     extra: dict[str, Any] = {**_model_cost(cfg), NODE_ID: ray.get_runtime_context().get_node_id()}
-    trial_setup = {f"{metrics.SETUP_PREFIX}worker_s": worker_s, f"{metrics.SETUP_PREFIX}trial_s": 0.0}
+    trial_setup = {f"{metrics.SETUP_PREFIX}imports_s": imports_s, f"{metrics.SETUP_PREFIX}trial_s": 0.0}
     if spec.resources.workers == 1:
         threads = max(1, int(spec.resources.cpus))
         torch.set_num_threads(threads)
