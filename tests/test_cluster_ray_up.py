@@ -14,7 +14,7 @@ one per node (2 CPUs each). MLflow is queried from the laptop with and without c
 runs carry the commit `ray up` shipped. `bash cluster/down.sh` stops MLflow, Ray on the worker
 (from the head) and `ray down`; then no process but sshd is left on either node, and after the
 fixture kills the nodes no process, interface or directory of theirs is left on this machine.
-Measured 2026-12-02 at load average 6-9: 8 min (docs/scaling.md §3).
+Measured 2026-12-02: 5.7 min at load average 4-5, 8 min at 6-9 (docs/scaling.md §3).
 
 What differs from a lab, and is not covered:
 - the nodes share this machine's filesystem outside the mounts above and its kernel; "NFS" is a
