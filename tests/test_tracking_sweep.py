@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from support.browser import rendered_text
 from support.mlflow_server import MlflowServer
 from support.sweeps import trial_rows, write_spec
 
@@ -221,29 +219,6 @@ def test_cmx_runs_list_best_compare(sweep: dict[str, Any]) -> None:
     assert "data.batch_size" not in out.output  # the same in both: hidden without --all
 
 
-def _rendered_text(url: str, profile: Path, wanted: list[str], window: str | None = None) -> str:
-    """The visible text of a page after headless Chromium ran its JavaScript (polled: the SPA
-    renders after its API calls). `window` ("W,H") sizes the window: tables render only the
-    columns that fit."""
-    chromium = "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        pytest.fail("Debian's chromium is not installed (.ci/bootstrap installs it)")
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-           f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", url]  # fmt: skip
-    if window:
-        cmd.insert(-2, f"--window-size={window}")
-    text = ""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        dom = subprocess.run(cmd, capture_output=True, text=True, timeout=90).stdout
-        text = html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<style.*?</style>", "", dom, flags=re.S)))
-        text = " ".join(text.split())
-        if all(w in text for w in wanted):
-            break
-        time.sleep(1)
-    return text
-
-
 @pytest.mark.browser
 def test_mlflow_ui_shows_trials_and_metrics_in_chromium(sweep: dict[str, Any]) -> None:
     _, exp, runs = _runs(sweep["uri"])
@@ -251,12 +226,12 @@ def test_mlflow_ui_shows_trials_and_metrics_in_chromium(sweep: dict[str, Any]) -
     base = f"{sweep['uri']}/#/experiments/{exp.experiment_id}"
     # The experiment page lists the sweep; its trials are nested under it (collapsed by default).
     wanted = [NAME, f"{len(runs)} matching runs"]
-    text = _rendered_text(f"{base}/runs", profile, wanted)
+    text = rendered_text(f"{base}/runs", profile, wanted)
     assert all(w in text for w in wanted), text[-1500:]
     # Each trial's page: its name, its parent sweep and the metric names.
     for run in [r for r in runs if r.data.tags.get("cmx.role") == "trial"]:
         wanted = [run.info.run_name, f"Parent run {NAME}", M.VAL_TOP1, M.TRAIN_LOSS, M.VAL_LOSS]
-        text = _rendered_text(f"{base}/runs/{run.info.run_id}", profile, wanted)
+        text = rendered_text(f"{base}/runs/{run.info.run_id}", profile, wanted)
         assert all(w in text for w in wanted), ([w for w in wanted if w not in text], text[-1500:])
 
 
@@ -281,17 +256,17 @@ def test_printed_links_open_on_the_sweep_not_on_genai_pages(sweep: dict[str, Any
     # The table: every trial as a row (none hidden under a collapsed parent), objective and params as columns.
     wanted = [*names, f"best/{M.VAL_TOP1}", *searched, f"{len(trials)} matching runs"]  # the parent is not a row
     laptop = "1280,900"  # the table renders the columns that fit: all of them on a laptop's screen
-    text = _rendered_text(links["trials"], sweep["tmp"] / "fresh-profile-1", wanted, window=laptop)
+    text = rendered_text(links["trials"], sweep["tmp"] / "fresh-profile-1", wanted, window=laptop)
     assert all(w in text for w in wanted), ([w for w in wanted if w not in text], text[-2000:])
     assert not [g for g in genai if g in text], text[:1500]
     # The chart view: the objective per trial and a parallel-coordinates chart of the searched params.
     wanted = [*names, "Sweep", "Parallel Coordinates", *searched]
-    text = _rendered_text(links["charts"], sweep["tmp"] / "fresh-profile-2", wanted, window=laptop)
+    text = rendered_text(links["charts"], sweep["tmp"] / "fresh-profile-2", wanted, window=laptop)
     assert all(w in text for w in wanted), ([w for w in wanted if w not in text], text[-2000:])
     assert not [g for g in genai if g in text], text[:1500]
     # The best trial's own page, in the training side of the UI.
     best = next(r for r in trials if r.data.tags.get("cmx.trial_id") == sweep["outcome"].best.trial_id)
     wanted = [best.info.run_name, f"Parent run {NAME}", M.VAL_TOP1, *searched]
-    text = _rendered_text(links["best trial"], sweep["tmp"] / "fresh-profile-3", wanted, window=laptop)
+    text = rendered_text(links["best trial"], sweep["tmp"] / "fresh-profile-3", wanted, window=laptop)
     assert all(w in text for w in wanted), ([w for w in wanted if w not in text], text[-2000:])
     assert not [g for g in genai if g in text], text[:1500]

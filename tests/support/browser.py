@@ -14,13 +14,16 @@ import pytest
 CHROMIUM = "/usr/bin/chromium"
 
 
-def rendered_text(url: str, profile: Path, wanted: list[str], *, within: float = 90) -> str:
+def rendered_text(url: str, profile: Path, wanted: list[str], *, within: float = 90, window: str | None = None) -> str:
     """The visible text of `url` once every string of `wanted` is in it (polled: single-page apps
-    render after their API calls), or the last text seen after `within` seconds."""
+    render after their API calls), or the last text seen after `within` seconds. `window` ("W,H")
+    sizes the window: tables render only the columns that fit."""
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed (.ci/bootstrap installs it)")
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
            f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", url]  # fmt: skip
+    if window:
+        cmd.insert(-2, f"--window-size={window}")
     text = ""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
