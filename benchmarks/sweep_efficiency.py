@@ -127,6 +127,41 @@ def metric_curves(trial_dir: Path) -> dict[str, list[float]]:
     return {m: [row[m] for row in rows if m in row] for m in EARLY_METRICS}
 
 
+def results_in_order(trial_dirs: list[Path]) -> list[float]:
+    """Every epoch's val top-1 over all trials, in the order the epochs finished."""
+    rows = [r for d in trial_dirs for r in trial_results(d) if VAL_TOP1 in r]
+    return [float(r[VAL_TOP1]) for r in sorted(rows, key=lambda r: (r["timestamp"], r.get("time_total_s", 0.0)))]
+
+
+def epochs_to_reach(values: list[float], target: float) -> int | None:
+    """How many epochs (in the order they finished) a sweep spent before one reached `target`."""
+    return next((i + 1 for i, v in enumerate(values) if v >= target), None)
+
+
+def warm_start_comparison(tmp: Path, data: Any, args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """TPE cold against TPE warm-started from an earlier sweep of the same space (another seed):
+    does the warm one reach the cold one's best in fewer epochs?"""
+    common = {
+        "algorithm": "optuna-tpe", "scheduler": args.scheduler, "trials": args.trials, "epochs": args.epochs,
+        "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+        "scheduler_metric": args.scheduler_metric,
+    }  # fmt: skip
+    out = {"earlier": run(space_file(tmp, data, name="earlier", seed=args.seed + 100, **common))}
+    out["cold"] = run(space_file(tmp, data, name="cold", seed=args.seed, **common))
+    out["warm"] = run(space_file(tmp, data, name="warm", seed=args.seed, warm_start=["earlier"], **common))
+    target = out["cold"]["best_top1"]
+    table = Table(title=f"warm start: epochs until the cold sweep's best ({target:.2f}%) is reached")
+    for col in ("sweep", "best val top-1 %", "epochs spent", "epochs to reach the cold best"):
+        table.add_column(col)
+    for label in ("earlier", "cold", "warm"):
+        x = out[label]
+        x["epochs_to_cold_best"] = epochs_to_reach(x["val_top1_in_order"], target)
+        reach = x["epochs_to_cold_best"]
+        table.add_row(label, f"{x['best_top1']:.2f}", str(x["epochs"]), "never" if reach is None else str(reach))
+    console.print(table)
+    return out
+
+
 def setup_breakdown(row: dict[str, Any]) -> dict[str, float]:
     """Where one start or resume spent its seconds before the first batch (the trial's time/setup/*)."""
     out = {k[len(SETUP_PREFIX) : -2]: float(v) for k, v in row.items() if k.startswith(SETUP_PREFIX)}
@@ -189,6 +224,7 @@ def run(path: Path) -> dict[str, Any]:
         "overhead_s_median": statistics.median(overheads) if overheads else None,
         "overhead_s_all": overheads,
         "curves": [metric_curves(Path(t.path)) for t in outcome.trials],
+        "val_top1_in_order": results_in_order([Path(t.path) for t in outcome.trials]),
     }
 
 
@@ -318,6 +354,11 @@ def main() -> None:
     )
     ap.add_argument("--skip-search", action="store_true", help="only the overhead part")
     ap.add_argument("--skip-overhead", action="store_true", help="only the search comparison")
+    ap.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="also compare TPE cold with TPE warm-started from an earlier sweep (search.warm_start)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON path [default: results/sweep_efficiency.json]")
     args = ap.parse_args()
     console = Console()
@@ -396,6 +437,8 @@ def main() -> None:
     # asha-promotion trial's resume. "before" is FFCV compiling in every process and every loader
     # built anew (CMX_JIT_CACHE=0, CMX_LOADER_REUSE=0); "after" starts from an empty numba cache,
     # filled by one untimed trial first (as the first trial of any sweep on a node fills it).
+    if args.warm_start:
+        results["warm_start"] = warm_start_comparison(tmp, data, args, console)
     if not args.skip_overhead:
         results["overhead"] = overhead(tmp, data, args.seed, console)
     out = args.out or RESULTS / "sweep_efficiency.json"

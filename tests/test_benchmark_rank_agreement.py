@@ -12,7 +12,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from sweep_efficiency import average_ranks, early_rank_agreement  # noqa: E402
+from sweep_efficiency import average_ranks, early_rank_agreement, epochs_to_reach  # noqa: E402
 
 
 def test_average_ranks_share_ties() -> None:
@@ -49,3 +49,10 @@ def test_rank_agreement_needs_trial_folders(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 1
     assert f"{tmp_path}: needs the trial folders" in out.stderr
+
+
+def test_epochs_to_reach_counts_epochs_in_the_order_they_finished() -> None:
+    """The warm-start comparison: epochs a sweep spent until one reached the cold sweep's best."""
+    assert epochs_to_reach([10.0, 30.0, 20.0, 50.0], 30.0) == 2
+    assert epochs_to_reach([10.0, 29.9], 30.0) is None
+    assert epochs_to_reach([], 30.0) is None
