@@ -43,9 +43,20 @@ for keep in "$@"; do
   mkdir -p "$home/${keep#"$HOME"/}"
   mount --bind "$keep" "$home/${keep#"$HOME"/}"
 done
+# Paths under /tmp the node must still see (a checkout and its venv under /tmp): bound into the
+# node's home before its private /tmp hides them, then bound back at their own path.
+IFS=: read -ra tmp_keep <<< "${CMX_NODE_TMP_KEEP:-}"
+for i in "${!tmp_keep[@]}"; do
+  mkdir -p "$home/.tmp-keep/$i"
+  mount --bind "${tmp_keep[$i]}" "$home/.tmp-keep/$i"
+done
 mount --rbind "$home" "$HOME"
 mount --bind "$shared" /mnt/cmx-shared
 mount -t tmpfs -o mode=1777,size=2g tmpfs /tmp
+for i in "${!tmp_keep[@]}"; do
+  mkdir -p "${tmp_keep[$i]}"
+  mount --bind "$HOME/.tmp-keep/$i" "${tmp_keep[$i]}"
+done
 mount -t tmpfs -o mode=1777,size=512m tmpfs /var/tmp
 mount -t tmpfs -o mode=1777,size=1g tmpfs /dev/shm
 hostname "$name"
@@ -211,6 +222,7 @@ class SshNodes:
             ["unshare", "--net", "--mount", "--pid", "--uts", "--fork", "--mount-proc", "--kill-child",
              "bash", "-c", NODE_INIT, "node-init", str(home), str(self.shared), ip, peer, f"cmx-{name}", self.host_ip, *keep],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "CMX_NODE_TMP_KEEP": ":".join(_checkout_dirs_in_tmp())},
         )  # fmt: skip
         node.init_pid = self._child_of(node.proc.pid)
         if node.proc.poll() is not None or not psutil.pid_exists(node.init_pid):
@@ -286,6 +298,14 @@ class SshNodes:
 def _python_dirs() -> list[str]:
     """Where the interpreter behind the test's venv lives (pyenv under $HOME here)."""
     return sorted({os.path.realpath(sys.base_prefix)})
+
+
+def _checkout_dirs_in_tmp() -> list[str]:
+    """The checkout and the test's venv when they live under /tmp, which each node replaces with
+    its own: the nodes' venvs and the editable install point into them."""
+    dirs = sorted({str(Path(__file__).resolve().parents[2]), os.path.realpath(sys.prefix)})
+    under_tmp = [d for d in dirs if d.startswith("/tmp/")]
+    return [d for d in under_tmp if not any(d.startswith(o + "/") for o in under_tmp)]
 
 
 def _run(*cmd: str) -> None:
