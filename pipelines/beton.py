@@ -30,9 +30,11 @@ from cmx.pipelines.ffcv_compat import ffcv_imported, watched_writer_class
 from cmx.pipelines.images import (
     FolderScan,
     ImageCheck,
+    SplitIndices,
     check_image,
     load_rgb_array,
     scan_image_folder,
+    stratified_split,
 )
 
 WriteMode = Literal["smart", "jpg", "raw", "proportion"]
@@ -557,11 +559,14 @@ def convert_image_folder(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    carve: tuple[str, SplitIndices] | None = None,
+    scan: FolderScan | None = None,
 ) -> ConversionReport:
     """ImageFolder -> `.beton` + sidecar: check and convert every image, write under a watchdog, rename.
 
     Unreadable files are skipped and listed (`strict=True` makes them an error). Nothing named
-    `out` exists until the file is complete.
+    `out` exists until the file is complete. `carve` ("train" or "val", a `stratified_split` of
+    the folder's samples) converts only that role's images (`scan`: the folder already scanned).
     """
     start = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -578,8 +583,12 @@ def convert_image_folder(
     if out.is_dir():
         raise DataError(f"{out}: is a directory", "give a file name such as train.beton")
     workers = max(1, workers or os.cpu_count() or 1)
-    scan: FolderScan = scan_image_folder(src)
-    chosen = [scan.samples[i] for i in evenly_spaced(len(scan.samples), limit)]
+    scan = scan or scan_image_folder(src)
+    samples = scan.samples
+    if carve is not None:
+        role, split = carve
+        samples = [samples[i] for i in (split.train if role == "train" else split.val)]
+    chosen = [samples[i] for i in evenly_spaced(len(samples), limit)]
     checks = _check_all([p for p, _ in chosen], workers, progress)
     good = [(s, c) for s, c in zip(chosen, checks, strict=True) if c.ok]
     skipped = [(str(c.path), c.error or "") for c in checks if not c.ok]
@@ -641,6 +650,9 @@ def convert_image_folder(
                 "compress_probability": compress_probability,
                 "smart_threshold": smart_threshold,
                 "limit": limit,
+                **(
+                    {"carve": {"role": carve[0], "fraction": carve[1].fraction, "seed": carve[1].seed}} if carve else {}
+                ),
             },
             "file_bytes": written.file_size,
         }
@@ -657,6 +669,32 @@ def convert_image_folder(
         file_bytes=out.stat().st_size,
         skipped_links=[str(p) for p in scan.skipped_links],
     )
+
+
+def convert_with_val_split(
+    src: str | Path,
+    out: str | Path,
+    val_out: str | Path,
+    *,
+    val_fraction: float,
+    seed: int = 0,
+    **options: Any,
+) -> tuple[ConversionReport, ConversionReport]:
+    """ImageFolder -> a train `.beton` (`out`) and a validation `.beton` (`val_out`): `val_fraction`
+    of each class, chosen by `seed` (`stratified_split`), goes to val, the rest to train. Disjoint
+    by construction; `options` are `convert_image_folder`'s."""
+    if Path(out).expanduser().absolute() == Path(val_out).expanduser().absolute():
+        raise ConfigError(
+            f"--val-out {val_out}: is OUT itself", "give the validation split its own file, e.g. val.beton"
+        )
+    for p in (out, val_out):
+        if Path(p).exists() and not options.get("overwrite"):
+            raise DataError(f"{p}: already exists", "pass --overwrite to replace it, or choose another name")
+    scan = scan_image_folder(src)
+    split = stratified_split([label for _, label in scan.samples], val_fraction, seed)
+    train = convert_image_folder(src, out, carve=("train", split), scan=scan, **options)
+    val = convert_image_folder(src, val_out, carve=("val", split), scan=scan, **options)
+    return train, val
 
 
 def report_dict(report: ConversionReport) -> dict[str, Any]:

@@ -55,6 +55,51 @@ class FolderScan:
         return counts
 
 
+DEFAULT_VAL_FRACTION = 1 / 6  # Fashion-MNIST: 10,000 of the official 60,000 training images
+
+
+@dataclass(frozen=True)
+class SplitIndices:
+    """A stratified train/val carve: sorted indices into the labels it was made from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    fraction: float
+    seed: int
+
+
+def stratified_split(labels: np.ndarray | list[int], fraction: float, seed: int = 0) -> SplitIndices:
+    """Carve `fraction` of every class into val, the rest into train; the same seed gives the same carve.
+
+    Each class gives round(n * fraction) images to val, at least one and never all of them, so
+    both splits hold every class (a class of one image is an error).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation fraction {fraction}: must be between 0 and 1", "use e.g. 0.1 or 1/6")
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = np.nonzero(labels == c)[0]
+        if len(idx) < 2:
+            raise DataError(
+                f"class {int(c)} has {len(idx)} image: a validation split needs at least 2 per class",
+                "add images to that class or remove it",
+            )
+        k = min(max(int(round(len(idx) * fraction)), 1), len(idx) - 1)
+        chosen = rng.permutation(idx)
+        val.append(chosen[:k])
+        train.append(chosen[k:])
+    empty = np.zeros(0, dtype=np.int64)
+    return SplitIndices(
+        train=np.sort(np.concatenate(train)) if train else empty,
+        val=np.sort(np.concatenate(val)) if val else empty,
+        fraction=fraction,
+        seed=seed,
+    )
+
+
 def find_classes(root: str | Path) -> list[str]:
     """Sorted class folder names, as torchvision's `ImageFolder` (hidden folders are skipped)."""
     root = Path(root)

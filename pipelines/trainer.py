@@ -974,7 +974,8 @@ def evaluate(
     if not Path(path).exists():
         raise DataError(f"{path}: not found", "pass a .beton file or an ImageFolder directory")
     data = saved.data.model_dump()
-    data.update(val_path=path, backend="ffcv" if path.endswith(".beton") else "torchvision")
+    # The data evaluated on is the loader's val split here (it may be the run's test split).
+    data.update(val_path=path, test_path=None, backend="ffcv" if path.endswith(".beton") else "torchvision")
     if batch_size is not None:
         data["val_batch_size"] = batch_size
     loop = saved.loop.model_dump()

@@ -24,27 +24,30 @@ from support.training import export_cached  # noqa: E402
 
 @pytest.fixture(scope="session")
 def fmnist_tiny_paths() -> dict[str, str]:
-    """40 images per class (400 train / 400 val), as path strings: JPEG folders `train_dir`,
-    `val_dir` and `.beton` files `train_beton`, `val_beton` (what `support.sweeps` takes)."""
+    """40 images per class (400 train / 400 val carved from the official train split / 400 test,
+    the official test split), as path strings: JPEG folders `train_dir`, `val_dir`, `test_dir` and
+    `.beton` files `train_beton`, `val_beton`, `test_beton` (what `support.sweeps` takes)."""
     ex = export_cached(40)
     return {
         "train_dir": str(ex.train_dir),
         "val_dir": str(ex.val_dir),
+        "test_dir": str(ex.test_dir),
         "train_beton": str(ex.train_beton),
         "val_beton": str(ex.val_beton),
+        "test_beton": str(ex.test_beton),
     }
 
 
 @pytest.fixture(scope="session")
 def fmnist_tiny_export() -> Any:
-    """20 images per class (200 train / 200 val), as the export object (`.train_dir`,
+    """20 images per class (200 train / 200 val / 200 test), as the export object (`.train_dir`,
     `.train_beton`, ...) that `support.training.train_config` takes."""
     return export_cached(20)
 
 
 @pytest.fixture(scope="session")
 def fmnist_10k() -> Any:
-    """1000 images per class (10,000 train / 10,000 val), as the export object."""
+    """1000 images per class (10,000 train / 10,000 val / 10,000 test), as the export object."""
     return export_cached(1000)
 
 

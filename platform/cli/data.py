@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,8 +17,16 @@ from cmx.cli.options import json_option
 from cmx.cli.signals import set_cleanup_grace
 from cmx.core.errors import DataError
 from cmx.core.paths import check_dir_target, data_dir
-from cmx.pipelines.beton import convert_image_folder, inspect_beton, report_dict, verify_beton
+from cmx.pipelines.beton import (
+    ConversionReport,
+    convert_image_folder,
+    convert_with_val_split,
+    inspect_beton,
+    report_dict,
+    verify_beton,
+)
 from cmx.pipelines.fashion_mnist import export_fashion_mnist
+from cmx.pipelines.images import DEFAULT_VAL_FRACTION
 
 # Literal copies of the FFCV ImageNet defaults in cmx.pipelines.beton (importing it here would
 # pull numpy into `cmx --help`); tests/test_data_cli.py checks that the two agree.
@@ -87,6 +96,20 @@ def data() -> None:
 )
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--val-out",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Also carve a validation split from SRC into FILE (e.g. val.beton); OUT gets the rest.",
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    metavar="F",
+    help=f"With --val-out: share of each class carved into it  [default: {DEFAULT_VAL_FRACTION:.4g}]",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="With --val-out: which images the carve takes.")
 @json_option("Print the report as JSON.")
 def convert(
     src: Path,
@@ -99,18 +122,25 @@ def convert(
     limit: int | None,
     strict: bool,
     overwrite: bool,
+    val_out: Path | None,
+    val_fraction: float | None,
+    seed: int,
     as_json: bool,
 ) -> None:
-    """Convert the ImageFolder SRC (SRC/<class>/<image>) to the FFCV file OUT (e.g. train.beton)."""
+    """Convert the ImageFolder SRC (SRC/<class>/<image>) to the FFCV file OUT (e.g. train.beton).
+
+    With --val-out, a stratified, seeded share of each class goes to a second file instead (a
+    validation split carved from a training folder; keep the real test set apart from both).
+    """
 
     check_dir_target(
         out.expanduser().absolute().parent, "OUT's folder", "give OUT a path inside a folder, e.g. data/train.beton"
     )
-    report = convert_image_folder(
-        src,
-        out,
+    if val_out is None and val_fraction is not None:
+        raise click.UsageError("--val-fraction needs --val-out FILE (where the validation split goes)")
+    options: dict[str, Any] = dict(
         max_resolution=max_resolution or None,
-        write_mode=write_mode,  # type: ignore[arg-type]
+        write_mode=write_mode,
         jpeg_quality=jpeg_quality,
         compress_probability=compress_probability,
         workers=workers,
@@ -119,9 +149,29 @@ def convert(
         overwrite=overwrite,
         progress=not as_json,
     )
+    if val_out is not None:
+        check_dir_target(val_out.expanduser().absolute().parent, "--val-out's folder", "give a path inside a folder")
+        fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        train, val = convert_with_val_split(src, out, val_out, val_fraction=fraction, seed=seed, **options)
+        if as_json:
+            click.echo(json.dumps({"train": report_dict(train), "val": report_dict(val)}, indent=2))
+            return
+        click.echo(
+            f"carved {fraction:.4g} of each class into validation (seed {seed}): "
+            f"{train.num_samples} train / {val.num_samples} val images"
+        )
+        _show_report(val)
+        _show_report(train)
+        return
+    report = convert_image_folder(src, out, **options)
     if as_json:
         click.echo(json.dumps(report_dict(report), indent=2))
         return
+    _show_report(report)
+
+
+def _show_report(report: ConversionReport) -> None:
+    """What one conversion wrote and skipped."""
     click.echo(
         f"wrote {report.out} ({report.num_samples} images, {len(report.class_names)} classes, "
         f"{_human_bytes(report.file_bytes)}, {report.seconds:.1f} s)"
@@ -201,24 +251,50 @@ def builtin() -> None:
     metavar="N",
     help="Export only the first N images of each class (per split).",
 )
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=DEFAULT_VAL_FRACTION,
+    show_default="1/6: 10,000 of the 60,000 training images",
+    help="Share of each class of the official train split carved into val.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which images the val carve takes.")
 @click.option("--no-beton", is_flag=True, help="Only the ImageFolders, no .beton files.")
 @click.option("--workers", type=click.IntRange(1), default=None, metavar="N", help="Writer processes.")
-def fashion_mnist(dir: Path | None, limit_per_class: int | None, no_beton: bool, workers: int | None) -> None:
-    """Export Fashion-MNIST (Debian dataset-fashion-mnist) to DIR/train, DIR/val, *.beton.
+def fashion_mnist(
+    dir: Path | None,
+    limit_per_class: int | None,
+    val_fraction: float,
+    seed: int,
+    no_beton: bool,
+    workers: int | None,
+) -> None:
+    """Export Fashion-MNIST (Debian dataset-fashion-mnist) to DIR/train, DIR/val, DIR/test, *.beton.
 
-    DIR defaults to $CMX_HOME/data/fashion-mnist.
+    train and val are carved from the official train split (stratified, seeded); test is the
+    official test split, for the final score only (set it as data.test_path; a sweep never
+    searches on it). DIR defaults to $CMX_HOME/data/fashion-mnist.
     """
 
     out = dir or data_dir() / "fashion-mnist"
     res = export_fashion_mnist(
         out,
         limit_per_class=limit_per_class,
+        val_fraction=val_fraction,
+        seed=seed,
         write_betons=not no_beton,
         progress=os.environ.get("TQDM_DISABLE", "") in ("", "0"),
         workers=workers,
     )
     verb = "already complete" if res.skipped else "exported"
-    click.echo(f"{verb}: {res.root} ({res.num_train} train / {res.num_val} val, {len(res.class_names)} classes)")
-    click.echo(f"  folders: {res.train_dir}  {res.val_dir}")
+    click.echo(
+        f"{verb}: {res.root} ({res.num_train} train / {res.num_val} val / {res.num_test} test, "
+        f"{len(res.class_names)} classes)"
+    )
+    click.echo(
+        f"  val: {res.val_fraction:.4g} of each class of the official train split (seed {res.seed}); "
+        "test: the official test split"
+    )
+    click.echo(f"  folders: {res.train_dir}  {res.val_dir}  {res.test_dir}")
     if res.train_beton:
-        click.echo(f"  betons:  {res.train_beton}  {res.val_beton}")
+        click.echo(f"  betons:  {res.train_beton}  {res.val_beton}  {res.test_beton}")

@@ -119,6 +119,15 @@ def best_command(sweep: str | None, download: Path | None, tracking_uri: str | N
         f"[bold]sweep {parent.tags.get(T.TAG_SWEEP)}[/]: best trial {trial.tags.get(T.TAG_TRIAL, trial.name)} "
         f"with {metric} = {trial.metrics[f'best/{metric}']:.4f} ({mode}) at epoch {trial.tags.get('cmx.best_epoch', '?')}"
     )
+    if M.TEST_TOP1 in trial.metrics:
+        console.print(
+            f"  held-out test: {M.TEST_TOP1} = {trial.metrics[M.TEST_TOP1]:.4f}, "
+            f"{M.TEST_TOP5} = {trial.metrics.get(M.TEST_TOP5, float('nan')):.4f} "
+            f"({trial.tags.get('cmx.test_samples', '?')} images of {trial.tags.get('cmx.data.test_path', '?')}; "
+            "never seen by the search)"
+        )
+    else:
+        console.print(f"  held-out test: not measured (the sweep had no data.test_path); {metric} is the val score")
     searched = [k.strip() for k in trial.tags.get("cmx.searched", "").split(",") if k.strip()]
     for k in searched:
         console.print(f"  {k} = {trial.params.get(k)}")

@@ -12,6 +12,7 @@ import click
 from cmx.cli.options import address_option, set_option, tracking_uri_option
 from cmx.cli.runs import show_sweep_links
 from cmx.cluster.runtime import local_capacity
+from cmx.core import metrics as M
 from cmx.core.constraints import violated
 from cmx.core.errors import ConfigError
 from cmx.core.paths import check_dir_target, safe_child, sweeps_dir
@@ -94,6 +95,7 @@ def sweep(
     else:
         source_text = read_text_file(space_path)
     spec = load_sweep_spec(space_path, tuple(extra))
+    _check_test_apart(spec, str(space_path))
     check_constraints_evaluate(spec, str(space_path), _variant_arguments)
     if not is_uri(experiment_root(spec)):
         check_dir_target(experiment_root(spec), "--storage" if storage else "storage.path")
@@ -103,6 +105,13 @@ def sweep(
     if not resume_name:
         _check_warm_start(spec, str(space_path), fresh)
     _run(spec, source_text, address, fresh)
+
+
+def _check_test_apart(spec: SweepSpec, source: str) -> None:
+    """Refuse a test split that is the val data (same path or same content) before anything starts."""
+    from cmx.tracking.heldout import check_test_apart
+
+    check_test_apart(spec.base.data, f"{source}: base")
 
 
 def _print_warm_start(spec: SweepSpec, source: str) -> list[Any]:
@@ -259,14 +268,23 @@ def show_outcome(outcome: SweepOutcome, spec: SweepSpec) -> None:
     console = Console()
     o = spec.objectives()[0]
     table = Table(title=f"sweep {outcome.name}: top trials by {o.metric} ({o.mode})", title_justify="left")
-    for col in ("#", "trial", "status", "epochs", o.metric, "params"):
+    # Test scores sit in columns of their own: the search saw only the val metric.
+    test_cols = (M.TEST_TOP1, M.TEST_TOP5) if spec.base.data.test_path else ()
+    for col in ("#", "trial", "status", "epochs", o.metric, *test_cols, "params"):
         table.add_column(col, overflow="fold")
     for i, row in enumerate(outcome.trials[:10], 1):
         best = "—" if row.best is None else f"{row.best:.4f}"
+        score = outcome.test.get(row.trial_id)
+        tests = [f"{v:.4f}" if score else "—" for v in ((score.top1, score.top5) if score else test_cols)]
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in row.params.items())
         status = row.status + (f": {row.error}" if row.error else "")
-        table.add_row(str(i), row.trial_id, status, str(row.epochs), best, params)
+        table.add_row(str(i), row.trial_id, status, str(row.epochs), best, *tests, params)
     console.print(table)
+    for score in outcome.test.values():
+        console.print(
+            f"held-out test ({score.num_samples} images of {spec.base.data.test_path}), trial {score.trial_id}: "
+            f"{M.TEST_TOP1} {score.top1:.2f}, {M.TEST_TOP5} {score.top5:.2f}  (the search selected on {o.metric})"
+        )
     if outcome.pareto:
         front = Table(title="Pareto front", title_justify="left")
         front.add_column("trial")

@@ -106,8 +106,10 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
                 f"{run_dir} already holds a run", f"continue it with --resume {run_dir}, or pick another --run-dir"
             )
     from cmx.pipelines.trainer import check_data_paths
+    from cmx.tracking.heldout import check_test_apart
 
     check_data_paths(config.data)  # before the run folder and the MLflow run exist
+    check_test_apart(config.data, str(config_path or "--set"))  # test is never the val data
     run_dir = run_dir.expanduser().resolve()
     console.print(f"run dir: {run_dir}", soft_wrap=True)
     if tracking:

@@ -96,7 +96,12 @@ class DataConfig(StrictModel):
 
     backend: Literal["ffcv", "torchvision"] = "ffcv"
     train_path: str | None = Field(None, description=".beton (ffcv) or ImageFolder dir (torchvision)")
-    val_path: str | None = None
+    val_path: str | None = Field(None, description="what training and a sweep's search measure (val/ metrics)")
+    test_path: str | None = Field(
+        None,
+        description="held-out test split: never loaded while training; a sweep evaluates its best trial on it "
+        "at the end (test/ metrics); must not be the val data",
+    )
     batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="per worker")
     val_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
     num_workers: int = Field(2, ge=0, le=MAX_WORKERS)
@@ -138,6 +143,11 @@ class DataConfig(StrictModel):
             # RandAugment is PIL/tensor code: inside an FFCV CPU pipeline it would sit between
             # compiled ops, the order FFCV 1.0.2 spins forever on (docs/architecture.md, FFCV).
             raise ValueError("augment.randaugment needs backend torchvision (FFCV has no RandAugment)")
+        if self.test_path and self.val_path and same_data_path(self.test_path, self.val_path):
+            raise ValueError(
+                f"test_path is the val data ({self.test_path}): the search would select on the test split; "
+                "export a validation split (cmx data builtin / cmx data convert --val-fraction) and keep test apart"
+            )
         return self
 
     def train_resolution(self, epoch: int) -> int:
@@ -400,13 +410,27 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
+def same_data_path(a: str, b: str) -> bool:
+    """True when two data paths name the same file or folder (after `~`, `$VARS` and symlinks)."""
+    if is_uri(a) or is_uri(b):
+        return a.rstrip("/") == b.rstrip("/")
+    pa, pb = (Path(os.path.expandvars(x)).expanduser() for x in (a, b))
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+    except OSError:
+        pass
+    return pa.resolve() == pb.resolve()
+
+
 def resolve_data_paths(config: dict[str, Any], root: Path) -> None:
-    """Make a config's relative `data.train_path` / `data.val_path` absolute against `root`, the folder of
-    the file they were written in (trials run elsewhere). `$VARS` and `~` expand; URIs stay as they are."""
+    """Make a config's relative `data.train_path` / `data.val_path` / `data.test_path` absolute against
+    `root`, the folder of the file they were written in (trials run elsewhere). `$VARS` and `~` expand;
+    URIs stay as they are."""
     section = config.get("data")
     if not isinstance(section, dict):
         return
-    for key in ("train_path", "val_path"):
+    for key in ("train_path", "val_path", "test_path"):
         value = section.get(key)
         if isinstance(value, str) and value and not is_uri(value):
             p = Path(os.path.expandvars(value)).expanduser()

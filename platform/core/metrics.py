@@ -8,6 +8,12 @@ TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
 VAL_TOP1 = "val/top1"
 VAL_TOP5 = "val/top5"
+# The held-out test split: measured once per chosen finished trial, after the sweep, never
+# reported to a searcher or scheduler (not in ALL or MODES, so no sweep can optimise them).
+TEST_TOP1 = "test/top1"
+TEST_TOP5 = "test/top5"
+TEST_LOSS = "test/loss"
+TEST = (TEST_LOSS, TEST_TOP1, TEST_TOP5)
 LR = "train/lr"
 IMAGES_PER_SEC = "train/images_per_sec"
 EPOCH_SECONDS = "time/epoch_seconds"

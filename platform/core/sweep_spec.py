@@ -182,6 +182,11 @@ class SearchConfig(StrictModel):
     def _check(self) -> SearchConfig:
         known = set(metrics.ALL) | set(metrics.TRIAL_ONLY)
         for name in [self.metric] + [o.metric for o in self.objectives]:
+            if name in metrics.TEST:
+                raise ValueError(
+                    f"{name!r} is measured on the held-out test split after the sweep and is never "
+                    f"optimised; search on {metrics.VAL_TOP1!r} or another val/ metric"
+                )
             if name not in known:
                 raise ValueError(f"unknown metric {name!r}; known: {', '.join(sorted(known))}")
         if len(self.objectives) == 1:
@@ -273,6 +278,9 @@ class SweepSpec(StrictModel):
     def _non_empty_space(cls, v: dict[str, Any]) -> dict[str, Any]:
         if not v:
             raise ValueError("space must list at least one parameter")
+        data_paths = [k for k in v if k in ("data.train_path", "data.val_path", "data.test_path")]
+        if data_paths:
+            raise ValueError(f"{data_paths[0]} cannot be searched: every trial trains and validates on the same data")
         return v
 
     @property

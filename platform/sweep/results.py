@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -23,6 +23,9 @@ from cmx.core.search_space import decode_params, grid_size
 from cmx.core.sweep_spec import SweepSpec, trial_config
 from cmx.core.uris import is_uri
 from cmx.sweep.storage import BEST_CONFIG_FILE, SPEC_FILE
+
+if TYPE_CHECKING:
+    from cmx.tracking.heldout import TestScore
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class SweepOutcome:
     pareto: list[TrialRow] = field(default_factory=list)
     interrupted: bool = False
     resumed: bool = False
+    test: dict[str, TestScore] = field(default_factory=dict)  # trial id -> its score on data.test_path
 
     @property
     def all_failed(self) -> bool:

@@ -9,6 +9,7 @@ scheduler live in their own modules.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -49,6 +50,9 @@ from cmx.sweep.study import STATUS_ATTR, TRIAL_ID_ATTR, create_study, new_study_
 from cmx.sweep.trial import run_trial
 from cmx.sweep.trial_logs import KeepTrialLogs
 from cmx.sweep.tune_state import StateBackup, repair_torn_state
+from cmx.tracking.heldout import TestScore, check_test_apart, evaluate_trials_on_test
+
+log = logging.getLogger("cmx.sweep")
 
 
 def build_searcher(spec: SweepSpec, path: str | None = None) -> Any:
@@ -159,6 +163,7 @@ def run_sweep(
     from ray import tune
 
     # Check what needs no cluster before Ray starts (the tracking store included).
+    check_test_apart(spec.base.data, f"sweep {spec.name}: base")
     plan_resources(spec, [local_capacity()] if address is None else [NodeCapacity("?", "?", 1e9, 1e9)])
     path = experiment_path(spec)
     check_trusted(experiment_root(spec), path)
@@ -193,7 +198,29 @@ def run_sweep(
     out_of_time = budget is not None and time.monotonic() - started >= budget * 0.95
     expected = expected_trials(spec)
     outcome.interrupted = not out_of_time and len(outcome.trials) < expected
+    if not outcome.interrupted:
+        outcome.test = evaluate_best_on_test(spec, outcome)
     return outcome
+
+
+def evaluate_best_on_test(spec: SweepSpec, outcome: SweepOutcome) -> dict[str, TestScore]:
+    """The best trial's best checkpoint on `base.data.test_path`, logged to its MLflow run; {} when
+    the spec has no test split or the best checkpoint is not on local disk."""
+    test_path = spec.base.data.test_path
+    if not test_path or outcome.best is None or not outcome.best_checkpoint:
+        return {}
+    if is_uri(outcome.best_checkpoint):
+        log.warning(
+            "sweep %s: best checkpoint %s is not local; not evaluated on test", spec.name, outcome.best_checkpoint
+        )
+        return {}
+    return evaluate_trials_on_test(
+        {outcome.best.trial_id: outcome.best_checkpoint},
+        test_path,
+        tracking_uri=spec.tracking.uri,
+        sweep=str(spec.name) if spec.tracking.enabled else None,
+        threads=spec.base.loop.threads,
+    )
 
 
 def _tracking_callbacks(spec: SweepSpec, path: str, source_text: str) -> list[Any]:

@@ -168,6 +168,7 @@ def config_tags(config: TrainConfig) -> dict[str, str]:
         "cmx.data.val_path": str(data.val_path),
         "cmx.data.train_fingerprint": data_fingerprint(data.train_path),
         "cmx.data.val_fingerprint": data_fingerprint(data.val_path),
+        **({"cmx.data.test_path": str(data.test_path)} if data.test_path else {}),
         "cmx.model": config.model.name,
     }
 

@@ -12,14 +12,16 @@ from pathlib import Path
 import yaml
 
 
-def base_config(data: dict[str, str], *, epochs: int, backend: str = "ffcv") -> dict:
-    """A tiny, fast trial: nano ConvMixer on 28 px Fashion-MNIST."""
-    train, val = (data["train_beton"], data["val_beton"]) if backend == "ffcv" else (data["train_dir"], data["val_dir"])
+def base_config(data: dict[str, str], *, epochs: int, backend: str = "ffcv", test: bool = False) -> dict:
+    """A tiny, fast trial: nano ConvMixer on 28 px Fashion-MNIST (`test`: with the held-out test split)."""
+    kind = "beton" if backend == "ffcv" else "dir"
+    train, val = data[f"train_{kind}"], data[f"val_{kind}"]
     return {
         "data": {
             "backend": backend,
             "train_path": train,
             "val_path": val,
+            **({"test_path": data[f"test_{kind}"]} if test else {}),
             "resolution": 28,
             "val_resolution": 28,
             "center_crop_ratio": 1.0,
@@ -42,13 +44,14 @@ def write_spec(
     epochs: int = 3,
     samples: int = 6,
     backend: str = "ffcv",
+    test: bool = False,
     **sections: dict,
 ) -> Path:
     """`tmp_path/<name>.yaml`: TPE over dim, lr and kernel size, ASHA, storage in `tmp_path/sweeps`,
-    tracking off; `sections` update the spec's top-level sections."""
+    tracking off; `sections` update the spec's top-level sections; `test`: base.data.test_path set."""
     spec = {
         "name": name,
-        "base": base_config(data, epochs=epochs, backend=backend),
+        "base": base_config(data, epochs=epochs, backend=backend, test=test),
         "space": {
             "model.dim": {"type": "choice", "values": [8, 16]},
             "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2},

@@ -23,9 +23,10 @@ FMNIST_MEAN, FMNIST_STD = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 def export_cached(limit_per_class: int) -> Any:
     """Export into a private temp folder, then rename into the cache: concurrent test runs never
     see a half-written export (the rename is atomic; the loser uses the winner's copy)."""
-    from cmx.pipelines.fashion_mnist import export_fashion_mnist
+    from cmx.pipelines.fashion_mnist import EXPORT_VERSION, export_fashion_mnist
 
-    final = CACHE / f"fmnist-{limit_per_class}"
+    # The version in the name: an older export (val = the official test split) is never reused.
+    final = CACHE / f"fmnist-v{EXPORT_VERSION}-{limit_per_class}"
     if not (final / "train.beton").is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = CACHE / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

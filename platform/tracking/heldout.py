@@ -1,0 +1,132 @@
+"""The held-out test split: kept apart from val, and measured once per chosen finished trial.
+
+A sweep's searcher and scheduler only ever see `val/` metrics (the trainer builds loaders on
+`data.train_path` and `data.val_path` alone). After the sweep, `evaluate_trials_on_test` runs the
+chosen trials' best checkpoints on `data.test_path` and logs `test/top1`, `test/top5`, `test/loss`
+to each trial's (finished) MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from cmx.core import metrics as M
+from cmx.core.config import DataConfig, same_data_path
+from cmx.core.errors import ConfigError, DataError
+from cmx.core.uris import is_uri
+from cmx.pipelines.trainer import evaluate
+from cmx.tracking.provenance import data_fingerprint
+from cmx.tracking.query import sweep_trials
+from cmx.tracking.store import TAG_TRIAL, make_client, resolve_uri
+
+log = logging.getLogger("cmx.tracking")
+
+TAG_TEST_PATH = "cmx.data.test_path"
+TAG_TEST_FINGERPRINT = "cmx.data.test_fingerprint"
+TAG_TEST_SAMPLES = "cmx.test_samples"
+
+
+@dataclass(frozen=True)
+class TestScore:
+    """One trial's best checkpoint measured on the test split."""
+
+    __test__ = False  # not a pytest test class
+
+    trial_id: str
+    checkpoint: str
+    top1: float  # percent
+    top5: float  # percent
+    loss: float
+    num_samples: int
+    run_id: str | None  # the MLflow run the metrics went to (None: not logged)
+
+    def metrics(self) -> dict[str, float]:
+        """`test/top1`, `test/top5`, `test/loss`."""
+        return {M.TEST_TOP1: self.top1, M.TEST_TOP5: self.top5, M.TEST_LOSS: self.loss}
+
+
+def check_test_apart(data: DataConfig, source: str) -> None:
+    """ConfigError when `data.test_path` is the val data: the same path, or the same content
+    (`data_fingerprint`: a copy of the val `.beton` or folder). Cheap: reads at most 2 MiB each."""
+    test, val = data.test_path, data.val_path
+    if not test or not val:
+        return
+    hint = "give data.test_path the held-out test split, not a copy of data.val_path"
+    if same_data_path(test, val):
+        raise ConfigError(f"{source}: data.test_path {test} is data.val_path: the search would select on test", hint)
+    if is_uri(test) or is_uri(val):
+        return
+    a, b = data_fingerprint(val), data_fingerprint(test)
+    if a not in ("missing", "unavailable") and a == b:
+        raise ConfigError(
+            f"{source}: data.test_path {test} holds the same data as data.val_path {val} ({a})",
+            hint,
+        )
+
+
+def evaluate_trials_on_test(
+    checkpoints: Mapping[str, str | Path],
+    test_path: str,
+    *,
+    tracking_uri: str | None = None,
+    sweep: str | None = None,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    threads: int | None = None,
+    batch_size: int | None = None,
+) -> dict[str, TestScore]:
+    """Evaluate each trial's checkpoint (`{trial_id: checkpoint}`) on `test_path` once.
+
+    With `sweep` (its name) the scores are logged to each trial's run of that sweep in the
+    MLflow store `tracking_uri` (the newest sweep of that name): metrics `test/top1`,
+    `test/top5`, `test/loss` and the test path and fingerprint as tags. A store that cannot be
+    written only logs a warning: the scores are returned either way, keyed by trial id.
+    """
+    if is_uri(test_path):
+        raise DataError(f"data.test_path {test_path}: the test evaluation reads local data only", "copy it locally")
+    if not Path(test_path).expanduser().exists():
+        raise DataError(f"data.test_path: {test_path} does not exist", "fix the path, or export the test split")
+    scores: dict[str, TestScore] = {}
+    for trial_id, checkpoint in checkpoints.items():
+        out = evaluate(checkpoint, test_path, batch_size=batch_size, device=device, threads=threads)
+        scores[trial_id] = TestScore(
+            trial_id=trial_id,
+            checkpoint=str(checkpoint),
+            top1=float(out[M.VAL_TOP1]),
+            top5=float(out[M.VAL_TOP5]),
+            loss=float(out[M.VAL_LOSS]),
+            num_samples=int(out["num_samples"]),
+            run_id=None,
+        )
+    if sweep is not None and scores:
+        scores = _log_scores(scores, test_path, tracking_uri, sweep)
+    return scores
+
+
+def _log_scores(scores: dict[str, TestScore], test_path: str, uri: str | None, sweep: str) -> dict[str, TestScore]:
+    """Log each score to its trial's run; returns the scores with the run ids filled in."""
+    try:
+        _, trials = sweep_trials(uri, sweep)
+        client = make_client(resolve_uri(uri))
+        runs = {t.tags.get(TAG_TRIAL): t.run_id for t in trials}
+        fingerprint = data_fingerprint(test_path)
+        out = {}
+        for trial_id, score in scores.items():
+            run_id = runs.get(trial_id)
+            if run_id is None:
+                log.warning("sweep %s: no MLflow run for trial %s; its test score is not logged", sweep, trial_id)
+                out[trial_id] = score
+                continue
+            for key, value in score.metrics().items():
+                client.log_metric(run_id, key, value)
+            client.set_tag(run_id, TAG_TEST_PATH, test_path)
+            client.set_tag(run_id, TAG_TEST_FINGERPRINT, fingerprint)
+            client.set_tag(run_id, TAG_TEST_SAMPLES, str(score.num_samples))
+            out[trial_id] = replace(score, run_id=run_id)
+        return out
+    except Exception as e:  # noqa: BLE001 - a store that is down: the scores still count
+        log.warning("sweep %s: test scores not logged to MLflow (%s)", sweep, str(e).splitlines()[0][:200])
+        return scores
