@@ -49,6 +49,12 @@ from cmx.pipelines.presets import preset as get_preset
     help="Continue a run from its last checkpoint (with its own config plus --set).",
 )
 @click.option(
+    "--from-run",
+    metavar="RUN_ID",
+    help="Re-create a tracked train run or sweep trial from MLflow: its logged config plus --set, its data "
+    "checked against the fingerprints it logged, its metrics compared at the end.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=1,
@@ -82,7 +88,7 @@ from cmx.pipelines.presets import preset as get_preset
 @tracking_uri_option("MLflow store (http://server, sqlite:///file.db)  [default: sqlite under $CMX_HOME/mlflow]")
 @click.option("--tracking/--no-tracking", default=True, show_default=True, help="Record the run in MLflow.")
 def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ...], run_dir: Path | None,
-          resume_dir: Path | None, workers: int, gpus_per_worker: float, cpus_per_worker: float | None,
+          resume_dir: Path | None, from_run: str | None, workers: int, gpus_per_worker: float, cpus_per_worker: float | None,
           max_failures: int, address: str | None, progress: bool, tracking_uri: str | None,
           tracking: bool) -> None:  # fmt: skip
     """Train one model: single process, or data-parallel with --workers N."""
@@ -90,16 +96,27 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
 
     console = Console(highlight=False)
     resume_from = None
+    source: Any = None  # the run --from-run re-creates
+    tags = {"cmx.workers": str(workers)}
     if resume_dir is not None:
         from cmx.pipelines.checkpoint import resolve_checkpoint
 
+        if from_run is not None:
+            raise click.UsageError("--resume continues a run dir; --from-run starts a new run: pick one")
         if config_path is not None or preset is not None:
             raise click.UsageError("--resume continues with the run's own config.yaml; change it with --set")
         resume_from = resolve_checkpoint(resume_dir)
         config = build_config(resume_dir / "config.yaml", None, overrides)
         run_dir = resume_dir
     else:
-        config = build_config(config_path, preset, overrides)
+        if from_run is not None:
+            if config_path is not None or preset is not None:
+                raise click.UsageError("--from-run uses the run's logged config; change it with --set")
+            source = _source_run(console, from_run, tracking_uri, overrides, workers)
+            config = source.config
+            tags["cmx.reproduces"] = source.run_id
+        else:
+            config = build_config(config_path, preset, overrides)
         run_dir = run_dir or default_run_dir(config.name, config.output_dir)
         if (run_dir / "checkpoints").exists():
             raise ConfigError(
@@ -115,7 +132,7 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
     if tracking:
         from cmx.tracking.train_run import train_run  # checks the store before training starts
 
-        tracked: Any = train_run(config, run_dir, uri=tracking_uri)
+        tracked: Any = train_run(config, run_dir, uri=tracking_uri, tags=tags)
     else:
         tracked = contextlib.nullcontext(None)
     with tracked as reporter:
@@ -135,6 +152,14 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
             if gpus_per_worker > 0:
                 config.loop.device = "cuda"
             result = train_fn(config, run_dir, resume_from=resume_from, progress=progress, reporter=reporter)
+        comparison = None
+        if source is not None and result.status != M.TrialStatus.DIVERGED:
+            from cmx.tracking.reproduce import TAG_REPRODUCTION, compare
+
+            comparison = compare(source, result.history)
+            if reporter is not None:
+                verdict = f"{'exact' if comparison.exact else 'differs'}: {comparison.summary()}"
+                reporter.tracker.log(reporter.key, tags={TAG_REPRODUCTION: verdict[:500]})
     console.print(history_table(result.history, config.loop.early_stop_metric))
     console.print(f"run dir: {result.run_dir}", soft_wrap=True)
     if result.best_checkpoint:
@@ -142,6 +167,29 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
     if result.status == M.TrialStatus.DIVERGED:
         raise TrainingDiverged(result.message, "lower optim.lr or set optim.grad_clip, then start again")
     console.print(result.message, soft_wrap=True)
+    if comparison is not None:
+        verdict = "reproduced exactly" if comparison.exact else "differs from"
+        console.print(f"{verdict} run {comparison.run_id}: {comparison.summary()}", soft_wrap=True)
+
+
+def _source_run(console: Any, run_id: str, uri: str | None, overrides: tuple[str, ...], workers: int) -> Any:
+    """The run `--from-run` names, its config rebuilt (plus --set) and its data fingerprints checked."""
+    from cmx.tracking.reproduce import check_fingerprints, load_source_run
+
+    source = load_source_run(run_id, uri, overrides)
+    console.print(
+        f"from run {run_id} ({source.role} {source.name}): config from its {source.config_from}", soft_wrap=True
+    )
+    for checked in check_fingerprints(source, source.config):
+        console.print(f"data matches the run's fingerprint: {checked}", soft_wrap=True)
+    logged_workers = source.tags.get("cmx.workers")
+    if logged_workers and logged_workers != str(workers):
+        console.print(f"note: run {run_id} trained with {logged_workers} worker(s), this one with {workers}; "
+                      f"pass --workers {logged_workers} to match", soft_wrap=True)  # fmt: skip
+    if not source.config.loop.deterministic:
+        console.print(f"note: run {run_id} was not deterministic (loop.deterministic false): expect close, "
+                      "not equal, metrics", soft_wrap=True)  # fmt: skip
+    return source
 
 
 def build_config(path: Path | None, preset: str | None, overrides: tuple[str, ...] | list[str]) -> Any:

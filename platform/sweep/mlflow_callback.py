@@ -148,10 +148,13 @@ class MLflowTrackingCallback(tune.Callback):
         return decode_params(self.spec, {k: v for k, v in (trial.config or {}).items() if k in self.spec.space})
 
     def _trial_config(self, trial: Any) -> Any:
-        """The trial's full TrainConfig, as `run_trial` builds it."""
+        """The trial's full TrainConfig, as `run_trial` builds it (its logged config.yaml is what
+        `cmx train --from-run` re-creates the trial from)."""
 
         cfg = trial_config(self.spec, self._params(trial))
         cfg.loop.epochs = self.spec.max_epochs
+        if self.spec.resources.workers == 1:  # CPU results depend on the thread count
+            cfg.loop.threads = max(1, int(self.spec.resources.cpus))
         return cfg
 
     def _guard(self, what: str, fn: Any, *args: Any) -> None:

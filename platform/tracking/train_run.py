@@ -48,9 +48,12 @@ class TrainReporter:
 
 
 @contextlib.contextmanager
-def train_run(config: TrainConfig, run_dir: Path, *, uri: str | None = None) -> Iterator[TrainReporter]:
+def train_run(
+    config: TrainConfig, run_dir: Path, *, uri: str | None = None, tags: dict[str, str] | None = None
+) -> Iterator[TrainReporter]:
     """An MLflow run around one `cmx train`; yields the trainer's reporter and ends the run with the
-    outcome in `run_dir/result.json` (FAILED on an exception, KILLED on Ctrl-C).
+    outcome in `run_dir/result.json` (FAILED on an exception, KILLED on Ctrl-C). `tags` are set
+    on the run when it starts (the CLI's worker count, the run it reproduces).
 
     Raises TrackingError before anything trains when the store is unreachable. The run's state and
     journal live in `run_dir`, so `--resume` continues the same MLflow run.
@@ -67,6 +70,7 @@ def train_run(config: TrainConfig, run_dir: Path, *, uri: str | None = None) -> 
         TAG_ROLE: "train",
         "cmx.device": _device(config.loop.device),
         "mlflow.source.name": "cmx train",
+        **(tags or {}),
     }
     if tracker.start_run(key, name=run_dir.name, tags=tags):
         tracker.log(key, params={**flatten(config.model_dump(mode="json")), **model_cost_params(config)})
