@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib
 import logging
 import multiprocessing as mp
@@ -31,9 +32,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cmx.core.errors import CmxError, ConfigError, DataError
 from cmx.core.paths import jit_cache_dir
 from cmx.core.versions import checked_version
+from cmx.pipelines.ffcv_deterministic import kernels
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +229,7 @@ def guarded_epoch_iterator_class() -> type:
                 # numba.config's settings are set at import time: its type stub has no attributes.
                 max_threads = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
                 numba.set_num_threads(max(1, min(self.loader.num_workers, max_threads)))
+                fill_epoch_keys(self)  # this epoch's (seed, epoch) for keyed (deterministic) decoders
                 for b_ix, ixes in enumerate(self.iter_ixes):
                     slot = self.current_batch_slot
                     self.current_batch_slot = (slot + 1) % slots
@@ -408,3 +413,94 @@ def watched_writer_class() -> type:
                 time.sleep(0.05)
 
     return WatchedWriter
+
+
+@functools.cache
+def keyed_crop_decoder_class() -> type:
+    """FFCV's random-resized-crop decoder with crops and flips keyed by (seed, epoch, sample index).
+
+    Deterministic mode (`ffcv_deterministic`): the decode loop is FFCV 1.0.2's
+    `ResizedCropRGBImageDecoder.generate_code` with `get_random_crop` replaced by the keyed crop,
+    plus the flip. The epoch reaches the compiled code through a small (seed, epoch) buffer of the
+    decoder's own that `fill_epoch_keys` writes at each epoch's start: the code is compiled once,
+    and closure values would be frozen into it.
+    """
+    with ffcv_imported():
+        from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, imdecode, resize_crop
+        from ffcv.pipeline.allocation_query import AllocationQuery
+        from ffcv.pipeline.compiler import Compiler
+
+    k = kernels()
+
+    class KeyedRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
+        """Random resized crop + horizontal flip, keyed by (seed, epoch, sample)."""
+
+        keyed = True  # what fill_epoch_keys looks for
+
+        def __init__(self, output_size: tuple[int, int], scale: Any, ratio: Any, seed: int, flip_prob: float) -> None:
+            super().__init__(output_size)
+            self.scale, self.ratio = tuple(scale), tuple(ratio)
+            self.seed, self.epoch, self.flip_prob = int(seed), 0, float(flip_prob)
+
+        @property
+        def get_crop_generator(self) -> Any:  # FFCV's abstract hook; decode below calls the keyed crop
+            return k.keyed_crop
+
+        def declare_state_and_memory(self, previous_state: Any) -> tuple[Any, Any]:
+            state, (out, temp) = super().declare_state_and_memory(previous_state)
+            return state, (out, temp, AllocationQuery((2,), np.dtype("<u8")))
+
+        def generate_code(self) -> Any:
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            crop_c, flip_c = k.keyed_crop, k.flip_columns_  # already numba dispatchers
+            scale = np.array(self.scale, dtype=np.float64)
+            ratio = np.array(self.ratio, dtype=np.float64)
+            flip_prob = self.flip_prob
+
+            def decode(batch_indices: Any, my_storage: Any, metadata: Any, storage_state: Any) -> Any:
+                destination, temp_storage, keys = my_storage
+                seed, epoch = keys[0, 0], keys[0, 1]
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    i, j, h, w, flip = crop_c(height, width, scale, ratio, seed, epoch, np.uint64(source_ix), flip_prob)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                    if flip:
+                        flip_c(destination[dst_ix])
+                return destination[: len(batch_indices)]
+
+            decode.is_parallel = True  # type: ignore[attr-defined]
+            return decode
+
+    return KeyedRandomResizedCropDecoder
+
+
+def fill_epoch_keys(iterator: Any) -> None:
+    """Write each keyed decoder's (seed, epoch) into its key buffers for this epoch's iterator.
+
+    Called by the epoch thread before its first batch; FFCV allocates an iterator's buffers anew
+    every epoch, so no buffer carries an old epoch.
+    """
+    graph = iterator.loader.graph
+    for node, node_id in graph.node_to_id.items():
+        decoder: Any = getattr(node, "decoder", None)
+        if not getattr(decoder, "keyed", False):
+            continue
+        for kind in ("operation", "shared"):
+            buffers = iterator.memory_allocations.get(kind, {}).get(node_id)
+            if isinstance(buffers, tuple) and len(buffers) == 3:
+                buffers[2][..., 0] = np.uint64(decoder.seed % 2**64)
+                buffers[2][..., 1] = np.uint64(decoder.epoch)

@@ -15,6 +15,7 @@ FFCV 1.0.2 traps handled here (docs/architecture.md, FFCV):
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import math
@@ -33,6 +34,7 @@ from cmx.pipelines.ffcv_compat import (
     ffcv_imported,
     guarded_epoch_iterator_class,
     keep_torch_threads,
+    keyed_crop_decoder_class,
     start_epoch,
 )
 from cmx.pipelines.images import find_classes, load_rgb, scan_image_folder
@@ -87,6 +89,12 @@ def subset_indices(n: int, limit: int | None) -> np.ndarray:
     return evenly_spaced(n, limit)
 
 
+def keyed_seed(kind: str, seed: int, epoch: int, index: int, rank: int = 0) -> int:
+    """A torch seed that is a function of (kind, seed, epoch, batch or sample index, rank) only."""
+    digest = hashlib.blake2b(f"{kind}/{seed}/{epoch}/{index}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def random_erase_(images: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image random erasing in place (torchvision's boxes, value 0 = the mean colour)."""
     import torch
@@ -113,6 +121,16 @@ def random_erase_(images: torch.Tensor, p: float, generator: torch.Generator | N
     return images
 
 
+def check_deterministic_augment(cfg: DataConfig) -> None:
+    """Refuse augmentations that cannot be made deterministic on `cfg.backend` (never a silent pass)."""
+    if cfg.backend == "ffcv" and cfg.augment.color_jitter > 0:
+        raise ConfigError(
+            "data.augment.color_jitter > 0 is not deterministic on the FFCV backend "
+            "(FFCV's jitter draws per-thread random numbers)",
+            "set data.augment.color_jitter=0, data.backend=torchvision, or loop.deterministic=false",
+        )
+
+
 class _Base:
     """Config, split, device and epoch bookkeeping common to both backends."""
 
@@ -126,8 +144,10 @@ class _Base:
         rank: int,
         world: int,
         clone: bool,
+        deterministic: bool = False,
     ) -> None:
         self.cfg, self.split, self.device, self.seed = cfg, split, device, seed
+        self.deterministic = deterministic
         self.distributed, self.rank, self.world_size, self.clone = distributed, rank, world, clone
         self.train = split == "train"
         self.batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
@@ -159,9 +179,15 @@ class _Base:
     def epoch(self) -> int:
         return self._epoch
 
-    def _augment_batch(self, images: torch.Tensor) -> torch.Tensor:
+    def _augment_batch(self, images: torch.Tensor, batch: int) -> torch.Tensor:
+        """Random erasing; in deterministic mode from a generator keyed by (seed, epoch, batch, rank)."""
         if self.train and self.cfg.augment.random_erasing > 0:
-            random_erase_(images, self.cfg.augment.random_erasing)
+            generator = None
+            if self.deterministic:
+                import torch
+
+                generator = torch.Generator().manual_seed(keyed_seed("erase", self.seed, self._epoch, batch, self.rank))
+            random_erase_(images, self.cfg.augment.random_erasing, generator)
         return images
 
 
@@ -216,6 +242,7 @@ class FFCVLoader(_Base):
         key = loader_key(
             path, cfg, self.split, indices, res=res, device=self.device, seed=self.seed, rank=self.rank,
             world=self.world_size, order=order_name, distributed=ffcv_distributed, batch=self.batch_size,
+            deterministic=self.deterministic,
         )  # fmt: skip
         kept = FFCV_LOADERS.get(key)
         if kept is not None:  # a reused actor's next trial: same file, same pipeline
@@ -263,10 +290,21 @@ class FFCVLoader(_Base):
 
             if self.train:
                 aug = cfg.augment
-                decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(aug.scale), ratio=tuple(aug.ratio))
-                image_pipeline: list[Any] = [decoder]
-                if aug.hflip:
-                    image_pipeline.append(RandomHorizontalFlip())
+                image_pipeline: list[Any]
+                if self.deterministic:
+                    # Crops and flips keyed by (seed, epoch, sample): the same for any thread count.
+                    check_deterministic_augment(cfg)
+                    decoder = keyed_crop_decoder_class()(
+                        (res, res), tuple(aug.scale), tuple(aug.ratio), seed=self.seed, flip_prob=0.5 * aug.hflip
+                    )
+                    image_pipeline = [decoder]
+                else:
+                    decoder = RandomResizedCropRGBImageDecoder(
+                        (res, res), scale=tuple(aug.scale), ratio=tuple(aug.ratio)
+                    )
+                    image_pipeline = [decoder]
+                    if aug.hflip:
+                        image_pipeline.append(RandomHorizontalFlip())
                 if aug.color_jitter > 0:  # FFCV's native jitter: no hue, like ours on torchvision
                     c = aug.color_jitter
                     image_pipeline += [
@@ -323,6 +361,8 @@ class FFCVLoader(_Base):
         """FFCV's `Loader.__iter__` with our iterator and without its torch thread change."""
         res = self.resolution(self._epoch)
         self.decoder.output_size = (res, res)  # FFCV ImageNet's progressive resizing
+        if getattr(self.decoder, "keyed", False):
+            self.decoder.epoch = self._epoch  # written into the keyed decoder's buffers by the epoch thread
         return start_epoch(self._ffcv, self._epoch, self._iterator_cls)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -331,6 +371,7 @@ class FFCVLoader(_Base):
         with keep_torch_threads():
             it = self._start_epoch()
         completed = False
+        index = 0
         try:
             while True:
                 batch = it.next_batch(str(self.path))
@@ -344,7 +385,8 @@ class FFCVLoader(_Base):
                     images = (images.float() - self._mean) * self._inv_std  # new tensor, channels_last kept
                 elif self.clone:
                     images = images.clone(memory_format=torch.channels_last)
-                yield self._augment_batch(images), labels
+                yield self._augment_batch(images, index), labels
+                index += 1
         finally:
             it.shutdown()
             if completed:
@@ -451,7 +493,9 @@ class TorchvisionLoader(_Base):
         self.class_names = list(self.dataset.classes)
         self.num_classes = len(self.class_names)
         self._indices = subset_indices(len(self.dataset), cfg.limit)
-        self.subset = Subset(self.dataset, self._indices.tolist())
+        self.subset: Any = Subset(self.dataset, self._indices.tolist())
+        if self.deterministic and self.train:
+            self.subset = _KeyedSubset(self.subset, self.seed)
         self.num_samples = len(self.subset)
         on_gpu = self.device.type == "cuda"
         self._pin = on_gpu
@@ -524,15 +568,35 @@ class TorchvisionLoader(_Base):
 
         epoch = self._epoch
         self._crop_holder.crop = self._make_crop(self.resolution(epoch))
+        if isinstance(self.subset, _KeyedSubset):
+            self.subset.epoch = epoch  # workers get a copy each epoch (persistent_workers=False)
         self._generator.manual_seed(seed_for(self.seed) * 1000 + epoch)
         if hasattr(self._sampler, "set_epoch"):
             self._sampler.set_epoch(epoch)
-        for images, labels in self._dataloader:
+        for index, (images, labels) in enumerate(self._dataloader):
             images = images.to(self.device, non_blocking=self._pin).contiguous(memory_format=torch.channels_last)
             images = (images.float() - self._mean) * self._inv_std
             labels = labels.to(self.device, dtype=torch.int64, non_blocking=self._pin).contiguous()
-            yield self._augment_batch(images), labels
+            yield self._augment_batch(images, index), labels
         self._finish_epoch()
+
+
+class _KeyedSubset:
+    """Deterministic mode: torch's RNG is seeded from (seed, epoch, sample) before each sample's
+    transforms, so crops, flips and jitter do not depend on which worker loads the sample."""
+
+    def __init__(self, subset: Any, seed: int) -> None:
+        self.subset, self.seed, self.epoch = subset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, i: int) -> Any:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(keyed_seed("sample", self.seed, self.epoch, int(i)))
+            return self.subset[i]
 
 
 class _CropHolder:
@@ -556,11 +620,14 @@ def build_loader(
     seed: int = 0,
     distributed: bool | None = None,
     clone: bool = False,
+    deterministic: bool = False,
 ) -> Loader:
     """The train or val loader for `cfg.backend`; `distributed=None` shards iff a process group exists.
 
     FFCV images live in reused buffers: a batch stays valid until the next-but-one batch is
-    requested; pass `clone=True` to keep batches longer.
+    requested; pass `clone=True` to keep batches longer. `deterministic=True` makes every
+    augmentation a function of (seed, epoch, sample or batch, rank): the same batches for any
+    worker or thread count and after a resume (README, "Determinism").
     """
     import torch
 
@@ -576,7 +643,9 @@ def build_loader(
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     dist_on, rank, world = _auto_distributed(distributed)
-    args = (cfg, split, dev, seed, dist_on, rank, world, clone)
+    args = (cfg, split, dev, seed, dist_on, rank, world, clone, deterministic)
+    if deterministic:
+        check_deterministic_augment(cfg)
     if cfg.backend == "ffcv":
         if path.is_dir():
             raise DataError(

@@ -250,7 +250,14 @@ def create_train_loader(config: TrainConfig, rt: Runtime) -> Any:
     """The training loader (FFCV or torchvision per `data.backend`), sharded under DDP."""
 
     _require(config.data.train_path, "data.train_path")
-    return build_loader(config.data, "train", device=str(rt.device), seed=config.loop.seed, distributed=rt.world > 1)
+    return build_loader(
+        config.data,
+        "train",
+        device=str(rt.device),
+        seed=config.loop.seed,
+        distributed=rt.world > 1,
+        deterministic=config.loop.deterministic,
+    )
 
 
 def create_val_loader(data: DataConfig, rt: Runtime, seed: int = 0) -> Any:

@@ -79,11 +79,16 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_resume_continues_exactly(fmnist_tiny_export, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["torchvision", "ffcv"])
+def test_resume_continues_exactly(fmnist_tiny_export, tmp_path: Path, backend: str) -> None:
     """4 epochs straight == 2 epochs, a crash, then resume for 2 more (deterministic mode), with
-    every source of randomness on: random crops and flips, mixup/cutmix, drop path, EMA."""
+    every source of randomness on: random crops and flips, random erasing, mixup/cutmix, drop
+    path, EMA. FFCV decodes with 2 threads (its crops used to follow per-thread random state)."""
+    workers = {"num_workers": 2, "augment": {"scale": [0.5, 1.0], "random_erasing": 0.25}}
     cfg = train_config(
         fmnist_tiny_export,
+        backend=backend,
+        data=workers,
         model={"drop_path_rate": 0.1},
         loop={**ONE_THREAD, "epochs": 4, "deterministic": True, "mixup": 0.2, "cutmix": 0.2,
               "label_smoothing": 0.1, "ema_decay": 0.9},

@@ -287,6 +287,16 @@ class TrainConfig(StrictModel):
     loop: LoopConfig = Field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
+    @model_validator(mode="after")
+    def _deterministic_feasible(self) -> TrainConfig:
+        if self.loop.deterministic and self.data.backend == "ffcv" and self.data.augment.color_jitter > 0:
+            # FFCV's RandomBrightness/Contrast/Saturation draw per-thread numba random numbers.
+            raise ValueError(
+                "loop.deterministic with data.augment.color_jitter > 0 is not deterministic on FFCV: "
+                "set data.augment.color_jitter=0, data.backend=torchvision or loop.deterministic=false"
+            )
+        return self
+
 
 # ----------------------------------------------------------------------------- loading
 
