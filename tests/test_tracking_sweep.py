@@ -30,14 +30,15 @@ def sweep(
     fmnist_tiny_paths: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:
-    """3 trials x 2 epochs of convmixer_nano, logged to the server; Ray is shut down afterwards."""
+    """3 trials x 2 epochs of convmixer_nano, logged to the server, the best scored on the held-out
+    test split at the end; Ray is shut down afterwards."""
     import ray
 
     from cmx.core.sweep_spec import load_sweep_spec
     from cmx.sweep.tuner import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    path = write_spec(tmp, fmnist_tiny_paths, name=NAME, epochs=2, samples=3, backend="torchvision",
+    path = write_spec(tmp, fmnist_tiny_paths, name=NAME, epochs=2, samples=3, backend="torchvision", test=True,
                       tracking={"enabled": True, "uri": mlflow_server.uri, "keep_best_checkpoints": 2})  # fmt: skip
     old = os.environ.get("AWS_SECRET_ACCESS_KEY")
     os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
@@ -50,7 +51,7 @@ def sweep(
         else:
             os.environ["AWS_SECRET_ACCESS_KEY"] = old
     assert len(outcome.trials) == 3 and not outcome.interrupted, outcome.trials
-    yield {"outcome": outcome, "uri": mlflow_server.uri, "server": mlflow_server, "tmp": tmp}
+    yield {"outcome": outcome, "uri": mlflow_server.uri, "server": mlflow_server, "tmp": tmp, "spec_path": path}
 
 
 def _client(uri: str) -> Any:
@@ -217,6 +218,52 @@ def test_cmx_runs_list_best_compare(sweep: dict[str, Any]) -> None:
                  if trial_runs[0].data.params[k] != trial_runs[1].data.params[k]]  # fmt: skip
     assert differing and all(k in out.output for k in differing)
     assert "data.batch_size" not in out.output  # the same in both: hidden without --all
+
+
+def test_the_best_trial_is_scored_on_test_after_the_search(
+    sweep: dict[str, Any],
+    fmnist_tiny_paths: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cmx.cli.main import cli
+    from cmx.cli.sweep import show_outcome
+    from cmx.core.sweep_spec import load_sweep_spec
+
+    outcome = sweep["outcome"]
+    best = outcome.best
+    assert set(outcome.test) == {best.trial_id}
+    score = outcome.test[best.trial_id]
+    assert score.num_samples == 400 and 0.0 <= score.top1 <= score.top5 <= 100.0
+    # Logged once, after the sweep, to the best trial's run only; no trial ever reported a test metric.
+    _, _, runs = _runs(sweep["uri"])
+    trial_runs = {r.data.tags["cmx.trial_id"]: r for r in runs if r.data.tags.get("cmx.role") == "trial"}
+    best_run = trial_runs[best.trial_id]
+    assert score.run_id == best_run.info.run_id
+    assert best_run.data.metrics[M.TEST_TOP1] == pytest.approx(score.top1)
+    assert best_run.data.metrics[M.TEST_TOP5] == pytest.approx(score.top5)
+    assert best_run.data.tags["cmx.data.test_path"] == fmnist_tiny_paths["test_dir"]
+    for tid, run in trial_runs.items():
+        assert tid == best.trial_id or not any(k.startswith("test/") for k in run.data.metrics)
+    for trial in outcome.trials:
+        rows = trial_rows(Path(trial.path))
+        assert rows and not any(k.startswith("test/") for row in rows for k in row), trial.trial_id
+    # The summary table: test columns apart from the val objective, and the held-out line.
+    monkeypatch.setenv("COLUMNS", "250")  # Rich wraps nothing
+    show_outcome(outcome, load_sweep_spec(sweep["spec_path"]))
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if "epochs" in line and M.VAL_TOP1 in line)
+    assert header.index(M.VAL_TOP1) < header.index(M.TEST_TOP1) < header.index(M.TEST_TOP5)
+    assert f"{score.top1:.4f}" in printed and f"trial {best.trial_id}: {M.TEST_TOP1} {score.top1:.2f}" in printed
+    # `cmx runs best` shows both scores, named apart.
+    out = CliRunner(env={"COLUMNS": "250"}).invoke(
+        cli, ["runs", "best", "--sweep", NAME, "--tracking-uri", sweep["uri"]]
+    )
+    assert out.exit_code == 0, out.output
+    assert f"{M.VAL_TOP1} = {best.best:.4f}" in out.output
+    assert (
+        f"held-out test: {M.TEST_TOP1} = {score.top1:.4f}, {M.TEST_TOP5} = {score.top5:.4f} (400 images" in out.output
+    )
 
 
 @pytest.mark.browser
