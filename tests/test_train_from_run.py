@@ -63,18 +63,7 @@ def _copy_data(data: dict[str, str], dest: Path, backend: str) -> dict[str, str]
     return out
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "torchvision",
-        pytest.param(
-            "ffcv",
-            marks=pytest.mark.xfail(
-                reason="the FFCV loader is not deterministic under loop.deterministic yet", strict=False
-            ),  # fmt: skip
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", ["torchvision", "ffcv"])
 def test_train_run_reproduced_from_mlflow_alone(
     tmp_path: Path, fmnist_tiny_paths: dict[str, str], backend: str
 ) -> None:
