@@ -253,6 +253,77 @@ def _run(spec: SweepSpec, source_text: str, address: str | None, fresh: bool) ->
     if outcome.all_failed:
         console.print("[red]every trial failed[/]; see the errors above and the trial logs under " + outcome.path)
         sys.exit(1)
+    if spec.confirm is not None:
+        _confirm(spec, spec.confirm, address, fresh=False)
+
+
+def _confirm(spec: SweepSpec, settings: Any, address: str | None, *, fresh: bool) -> None:
+    """Run (or continue) the confirm stage, show its table; exit 130 when it was cut short."""
+    from rich.console import Console
+
+    from cmx.confirm.stage import run_confirm
+    from cmx.sweep.progress import RichSweepProgress
+
+    console = Console(stderr=True)
+    o = spec.objectives()[0]
+    total = settings.top_k * settings.seeds
+
+    def on_start(reruns: int, resumed: bool) -> None:
+        verb = "continuing" if resumed else "starting"
+        console.print(
+            f"[bold]{verb} the confirm stage of sweep {spec.name}[/]: top {settings.top_k} configurations × "
+            f"{settings.seeds} new seeds = {reruns} re-runs of {spec.max_epochs} epochs"
+        )
+
+    progress = RichSweepProgress(total=total, metric=o.metric, mode=o.mode, max_epochs=spec.max_epochs, console=console)
+    summary = run_confirm(spec, settings, address=address, fresh=fresh, callbacks=[progress], on_start=on_start)
+    show_confirm(summary)
+    if not summary.complete:
+        console.print(
+            f"[yellow]confirm stage interrupted[/]: finished re-runs are saved. Continue with: cmx sweep confirm {spec.name}"
+        )
+        sys.exit(130)
+
+
+def show_confirm(summary: Any) -> None:
+    """The confirmed configurations as a table (mean ± std over seeds), then the winner."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    names = list(dict.fromkeys(n for c in summary.configs for n in c.stats))
+    table = Table(
+        title=f"sweep {summary.sweep}: top {summary.top_k} re-trained with {summary.seeds} new seeds each "
+        f"({summary.max_epochs} epochs), mean ± std",
+        title_justify="left",
+    )
+    for col in ("search rank", "trial", f"search {summary.metric}", "re-runs", *names, "params"):
+        table.add_column(col, overflow="fold")
+    for c in summary.configs:
+        style = "bold green" if c.of == summary.winner else None
+        table.add_row(
+            str(c.rank),
+            c.of + (" ★" if c.of == summary.winner else ""),
+            f"{c.search_value:.4f}",
+            f"{c.completed}/{len(c.seeds)}",
+            *[c.stats[n].show() if n in c.stats else "—" for n in names],
+            ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in c.params.items()),
+            style=style,
+        )
+    console.print(table)
+    win = summary.winner_summary()
+    if win is None:
+        console.print("confirmed winner: none (no re-run completed)")
+        return
+    same = (
+        "the search's pick too"
+        if win.of == summary.search_winner
+        else f"the search alone picked {summary.search_winner}"
+    )
+    console.print(
+        f"confirmed winner: trial {win.of}, {summary.metric} {win.stats[summary.metric].show()} over "
+        f"{win.stats[summary.metric].n} seeds ({same})"
+    )
 
 
 def _short(value: object) -> str:
@@ -283,7 +354,8 @@ def show_outcome(outcome: SweepOutcome, spec: SweepSpec) -> None:
     for score in outcome.test.values():
         console.print(
             f"held-out test ({score.num_samples} images of {spec.base.data.test_path}), trial {score.trial_id}: "
-            f"{M.TEST_TOP1} {score.top1:.2f}, {M.TEST_TOP5} {score.top5:.2f}  (the search selected on {o.metric})"
+            f"{M.TEST_TOP1} {score.top1:.2f}, {M.TEST_TOP5} {score.top5:.2f}  (the search selected on {o.metric})",
+            soft_wrap=True,
         )
     if outcome.pareto:
         front = Table(title="Pareto front", title_justify="left")
@@ -298,6 +370,42 @@ def show_outcome(outcome: SweepOutcome, spec: SweepSpec) -> None:
     if outcome.best_checkpoint:
         console.print(f"best checkpoint: {outcome.best_checkpoint}")
     console.print(f"sweep state: {outcome.path}")
+
+
+@sweep.command("confirm")
+@click.argument("name")
+@click.option("--storage", metavar="PATH", help="Storage root (default $CMX_HOME/sweeps).")
+@click.option(
+    "--top-k", type=int, metavar="K", help="Configurations to confirm [default: the file's confirm.top_k, else 3]."
+)
+@click.option("--seeds", type=int, metavar="N", help="New seeds per configuration [default: confirm.seeds, else 3].")
+@click.option("--fresh", is_flag=True, help="Discard this sweep's earlier confirm re-runs and start them over.")
+@address_option("Join a running Ray cluster instead of starting a local one.")
+def confirm_command(
+    name: str, storage: str | None, top_k: int | None, seeds: int | None, fresh: bool, address: str | None
+) -> None:
+    """Re-train a finished sweep's top-k configurations with new seeds; the winner by the mean.
+
+    Running it again continues the same re-runs (finished ones are not redone).
+    """
+    from cmx.confirm.plan import confirm_settings
+
+    if storage and is_uri(storage):
+        raise ConfigError(
+            f"cmx sweep confirm reads a local sweep folder, not {storage}",
+            "run it where the storage is mounted (e.g. the head node)",
+        )
+    spec_path = _saved_spec_path(name, storage)
+    spec = load_sweep_spec(spec_path, (f"storage.path={storage}",) if storage else ())
+    settings = confirm_settings(spec, top_k, seeds)
+    s = sweep_status(spec_path.parent)
+    if not s.complete:
+        raise ConfigError(
+            f"sweep {name} is not finished ({sum(s.counts.values())} of {s.num_samples} trials): "
+            "its top trials may still change",
+            f"finish it first: cmx sweep --resume {name}",
+        )
+    _confirm(spec, settings, address, fresh=fresh)
 
 
 @sweep.command("list")

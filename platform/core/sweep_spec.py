@@ -34,6 +34,7 @@ from cmx.core.uris import check_storage_location, check_tracking_uri
 # ------------------------------------------------------------------ distributions
 
 MAX_GRID_TRIALS = 100_000  # grid points × num_samples a grid sweep may expand to
+MAX_CONFIRM_RUNS = 100  # full-budget re-runs (top_k × seeds) one confirm stage may ask for
 
 
 def _range_end(v: Any, *, integer: bool) -> Any:
@@ -260,6 +261,27 @@ class TrackingConfig(StrictModel):
     registered_model: str = "cmx-convmixer"
 
 
+class ConfirmConfig(StrictModel):
+    """The optional final stage: the top-k configurations re-trained at the full budget with new seeds."""
+
+    top_k: int = Field(3, ge=1, le=MAX_CONFIRM_RUNS, strict=True, description="configurations to confirm")
+    seeds: int = Field(
+        3,
+        ge=1,
+        le=MAX_CONFIRM_RUNS,
+        strict=True,
+        description="re-runs of each, with new loop.seed values (>= 2: a std)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ConfirmConfig:
+        if self.seeds < 2:
+            raise ValueError(f"seeds must be at least 2 (got {self.seeds}): a std over seeds needs two re-runs")
+        if self.top_k * self.seeds > MAX_CONFIRM_RUNS:
+            raise ValueError(f"top_k x seeds = {self.top_k * self.seeds} re-runs, over the cap of {MAX_CONFIRM_RUNS}")
+        return self
+
+
 class SweepSpec(StrictModel):
     """A whole search-space file."""
 
@@ -272,6 +294,7 @@ class SweepSpec(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    confirm: ConfirmConfig | None = Field(None, description="re-train the top-k with new seeds after the search")
 
     @field_validator("space")
     @classmethod
@@ -342,7 +365,24 @@ def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepS
     check_grid_size(spec, str(path))
     check_constraints_parse(spec, str(path))
     check_scheduler_fits_search(spec, str(path))
+    check_confirm(spec, str(path))
     return spec
+
+
+def check_confirm(spec: SweepSpec, source: str) -> None:
+    """`confirm:` ranks configurations by one objective and needs trials to choose from."""
+    if spec.confirm is None:
+        return
+    if len(spec.objectives()) > 1:
+        raise ConfigError(
+            f"{source}: confirm: a multi-objective search has a Pareto front, not one winner to confirm",
+            "remove confirm:, or search one objective (search.metric / search.mode)",
+        )
+    if spec.confirm.top_k > spec.planned_trials():
+        raise ConfigError(
+            f"{source}: confirm.top_k {spec.confirm.top_k} is more than the {spec.planned_trials()} trials the sweep runs",
+            f"use confirm.top_k <= {spec.planned_trials()}",
+        )
 
 
 def check_scheduler_fits_search(spec: SweepSpec, source: str) -> None:

@@ -143,7 +143,9 @@ def experiment_path(spec: SweepSpec) -> str:
 
 
 def spec_fingerprint(spec: SweepSpec) -> str:
-    """A hash of what defines the sweep, to refuse resuming with a changed space."""
+    """A hash of what defines the sweep, to refuse resuming with a changed space (tracking and
+    the confirm stage that follows the search do not count)."""
     data = spec.model_dump(mode="json")
     data.pop("tracking", None)
+    data.pop("confirm", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -30,6 +30,10 @@ def worst_value(metric: str, mode: str) -> float:
     return 1e9
 
 
+# A confirm re-run's Tune config (cmx.confirm): {"of": the trial it confirms, "seed": its loop.seed,
+# "config": that trial's own Tune config}; trained at the full budget like any trial.
+CONFIRM_KEY = "cmx_confirm"
+
 IMPORTS_DONE = time.perf_counter()  # this module and what it imports (torch, the trainer): see imports_s
 _trials_in_this_process = 0
 
@@ -50,9 +54,14 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     from ray import tune
 
     spec = SweepSpec.model_validate(spec_json)
+    rerun = config.get(CONFIRM_KEY)
+    if rerun is not None:
+        config = rerun["config"]
     params = decode_params(spec, {k: v for k, v in config.items() if k in spec.space})
     cfg = trial_config(spec, params)
     cfg.loop.epochs = spec.max_epochs
+    if rerun is not None:
+        cfg.loop.seed = int(rerun["seed"])
     rule = violated(spec.constraints, constraint_config(cfg, spec.constraints, variant_arguments))
     if rule is not None:
         tune.report({**_worst(spec), REJECTED: 1.0, metrics.EPOCH: 0})

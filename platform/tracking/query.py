@@ -10,6 +10,7 @@ from cmx.core import metrics as M
 from cmx.core.errors import TrackingError
 from cmx.tracking.store import (
     PARENT_TAG,
+    ROLE_CONFIRM,
     TAG_OBJECTIVE,
     TAG_ROLE,
     TAG_STATUS,
@@ -103,12 +104,13 @@ def find_sweep(client: Any, sweep: str | None) -> Any:
 
 
 def sweep_trials(uri: str | None, sweep: str | None) -> tuple[RunRow, list[RunRow]]:
-    """A sweep's parent run and its trial runs."""
+    """A sweep's parent run and its trial runs (not the confirm stage's re-runs: `cmx.role` confirm)."""
     client = make_client(check_tracking_reachable(uri))
     parent = find_sweep(client, sweep)
     children = _all_runs(client, [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
     name = client.get_experiment(parent.info.experiment_id).name
-    return RunRow.of(parent, name), [RunRow.of(c, name) for c in children]
+    trials = [c for c in children if c.data.tags.get(TAG_ROLE) != ROLE_CONFIRM]
+    return RunRow.of(parent, name), [RunRow.of(c, name) for c in trials]
 
 
 def objective_of(parent: RunRow) -> tuple[str, str]:

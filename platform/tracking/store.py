@@ -28,7 +28,8 @@ log = logging.getLogger("cmx.tracking")
 
 
 # Tags cmx sets (the `mlflow.*` ones are MLflow's own, shown by its UI).
-TAG_ROLE = "cmx.role"  # sweep | trial | train
+TAG_ROLE = "cmx.role"  # sweep | trial | train | confirm
+ROLE_CONFIRM = "confirm"  # a confirm-stage re-run, nested under its sweep's run (cmx.confirm)
 TAG_SWEEP = "cmx.sweep"
 TAG_TRIAL = "cmx.trial_id"
 TAG_STATUS = "cmx.status"  # a TrialStatus in its `tag` spelling (stopped_early, early_stopped, ...)
