@@ -158,14 +158,17 @@ def test_unknown_run_and_wrong_role_are_one_line_errors(tmp_path: Path) -> None:
     uri, home = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "home"
     t = Tracker(tmp_path / "state", uri, experiment="s")
     t.start_run("sweep", name="s", tags={"cmx.role": "sweep"})
+    t.start_run("bare", name="b", parent="sweep", tags={"cmx.role": "confirm"})  # a re-run that logged no config
     t.flush(force=True)
-    sweep_id = t.run_id("sweep")
+    sweep_id, bare_id = t.run_id("sweep"), t.run_id("bare")
     line = _one_line_error(
         run_cmx("train", "--from-run", "0123456789abcdef", "--tracking-uri", uri, home=home, timeout=120)
     )
     assert "no run with id '0123456789abcdef'" in line and "cmx runs list" in line, line
     line = _one_line_error(run_cmx("train", "--from-run", str(sweep_id), "--tracking-uri", uri, home=home, timeout=120))
     assert f"run {sweep_id} is a sweep run" in line and "trials" in line, line
+    line = _one_line_error(run_cmx("train", "--from-run", str(bare_id), "--tracking-uri", uri, home=home, timeout=120))
+    assert f"run {bare_id} logged neither a config.yaml artifact nor its full config" in line, line
     out = run_cmx("train", "--from-run", str(sweep_id), "-c", "x.yaml", "--tracking-uri", uri, home=home, timeout=120)
     assert out.returncode == 2 and "--from-run uses the run's logged config" in out.stderr, out.stderr
 

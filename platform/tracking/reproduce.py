@@ -25,6 +25,8 @@ REPRODUCIBLE = (M.TRAIN_LOSS, M.VAL_LOSS, M.VAL_TOP1, M.VAL_TOP5, M.LR)
 # Params logged next to the flattened config that are not config keys (`model_cost_params`, trials).
 _NOT_CONFIG = ("model.num_params", "model.flops")
 _FINGERPRINT_TAG = ("cmx.data.", "_fingerprint")  # cmx.data.<split>_fingerprint -> data.<split>_path
+# Runs that trained one config and logged it: `cmx train`, sweep trials, confirm-stage re-runs.
+_TRAINING_ROLES = ("train", "trial", "confirm")
 _UNCHECKABLE = ("unavailable", "remote ")  # fingerprints `data_fingerprint` gives without reading data
 
 
@@ -102,7 +104,7 @@ def load_source_run(run_id: str, uri: str | None, overrides: tuple[str, ...] | l
     run = _get_run(client, run_id, resolved)
     tags = dict(run.data.tags)
     role = tags.get(TAG_ROLE, "")
-    if role not in ("train", "trial"):
+    if role not in _TRAINING_ROLES:
         what = f"a {role} run" if role else "not a cmx training run (no cmx.role tag)"
         hint = "pass one of its trials' run ids (`cmx runs trials`)" if role == "sweep" else "pass a train or trial run"
         raise TrackingError(f"run {run_id} is {what}", hint)
