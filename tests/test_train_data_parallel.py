@@ -10,19 +10,26 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from support.cli import run_cmx
 from support.training import train_config
 
 from cmx.cluster.data_parallel import KILL_ENV
 from cmx.core import metrics as M
+from cmx.pipelines.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
 
 def _run_yaml(export, tmp_path: Path, epochs: int) -> Path:  # noqa: ANN001
     # batch 10: each rank takes 10 steps per epoch on its half of the 200 training images
-    cfg = train_config(export, backend="torchvision", data={"batch_size": 10}, loop={"epochs": epochs, "seed": 0})
+    cfg = train_config(
+        export,
+        backend="torchvision",
+        data={"batch_size": 10, "augment": {"scale": [0.5, 1.0], "random_erasing": 0.25}},
+        loop={"epochs": epochs, "seed": 0, "deterministic": True, "mixup": 0.2},
+    )
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     return path
@@ -32,11 +39,16 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+TIMING = (M.IMAGES_PER_SEC, M.EPOCH_SECONDS, M.PEAK_MEMORY_MB)
+
+
 def test_two_cpu_workers_train_and_survive_a_killed_worker(fmnist_tiny_export, tmp_path: Path) -> None:
-    """One Ray Train run: rank 1 dies after epoch 1; the group restarts and resumes at epoch 2."""
+    """One Ray Train run: rank 1 dies after epoch 1; the group restarts and resumes at epoch 2, and
+    (deterministic mode) ends with the weights and metrics of the same run left uninterrupted."""
     marker = tmp_path / "killed"
     run_dir = tmp_path / "run"
-    out = run_cmx("train", "--config", str(_run_yaml(fmnist_tiny_export, tmp_path, epochs=3)), "--run-dir", str(run_dir),
+    config = str(_run_yaml(fmnist_tiny_export, tmp_path, epochs=3))
+    out = run_cmx("train", "--config", config, "--run-dir", str(run_dir),
                "--workers", "2", "--cpus-per-worker", "1", "--max-failures", "2", "--no-progress",
                env={KILL_ENV: f"1:1:{marker}"}, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -49,3 +61,14 @@ def test_two_cpu_workers_train_and_survive_a_killed_worker(fmnist_tiny_export, t
     assert result["status"] == "completed" and result["epochs_completed"] == 3
     assert rows[-1][M.TRAIN_LOSS] < rows[0][M.TRAIN_LOSS]  # the restarted group kept learning
     assert "completed 3 epochs" in out.stdout
+
+    straight_dir = tmp_path / "straight"
+    out = run_cmx("train", "--config", config, "--run-dir", str(straight_dir), "--workers", "2",
+                  "--cpus-per-worker", "1", "--no-progress", timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    straight = _rows(straight_dir)
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in straight
+    ]
+    a, b = (load_checkpoint(d / "checkpoints" / "last")["model"] for d in (run_dir, straight_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
