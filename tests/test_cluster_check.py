@@ -312,7 +312,7 @@ def test_auth_rules_read_exports_home_paths_and_rays_defaults(tmp_path: Path) ->
     file without start commands gets Ray's defaults, which leave the mode implicit."""
     aws = yaml.safe_load(AWS.read_text())
     aws["metadata"]["cmx"]["space"] = str(REPO / "examples" / "imagenet-search.yaml")
-    assert aws["file_mounts"]["/home/ubuntu/.cmx-cluster/ray_auth_token"] == "~/.ray/auth_token"
+    assert aws["file_mounts"]["/home/ubuntu/.cmx-cluster/ray_auth_token"] == "~/.cmx/clusters/cmx/ray_auth_token"
     assert check_cluster_file(write_yaml(tmp_path / "aws.yaml", aws)).ok
 
     local = yaml.safe_load(LOCAL.read_text())
@@ -322,6 +322,7 @@ def test_auth_rules_read_exports_home_paths_and_rays_defaults(tmp_path: Path) ->
     report = check_cluster_file(write_yaml(tmp_path / "exported.yaml", local))
     assert [p.key for p in report.problems] == [f"head_start_ray_commands[{i + 1}]"]
     assert "reads ~/.ray/auth_token but file_mounts ships no token there" in report.problems[0].message
+    assert "~/.ray/auth_token: ~/.cmx/clusters/cmx-onprem/ray_auth_token" in report.problems[0].hint
 
     del local["head_start_ray_commands"], local["worker_start_ray_commands"]
     report = check_cluster_file(write_yaml(tmp_path / "defaults.yaml", local))
@@ -336,3 +337,24 @@ def test_excluding_git_is_noted(tmp_path: Path) -> None:
     data["rsync_exclude"].append(".git")
     report = check_cluster_file(write_yaml(tmp_path / "nogit.yaml", data))
     assert report.ok and any("drops .git: runs on the cluster will record no git commit" in n for n in report.notes)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"file_mounts": {"~/cmx": ".", "~/.cmx-cluster/ray_auth_token": "~/.ray/auth_token"}},
+         "ships ~/.ray/auth_token as the Ray token, not this cluster's own token ~/.cmx/clusters/cmx-onprem/ray_auth_token"),
+        ({"cluster_name": "lab-b"},
+         "ships ~/.cmx/clusters/cmx-onprem/ray_auth_token as the Ray token, not this cluster's own token "
+         "~/.cmx/clusters/lab-b/ray_auth_token"),
+    ],
+    ids=["laptop-wide-token", "renamed-cluster"],
+)  # fmt: skip
+def test_a_token_shared_with_other_clusters_fails(tmp_path: Path, edit: dict[str, Any], message: str) -> None:
+    """One token per cluster: shipping the laptop-wide token, or another cluster's, is an error."""
+    local = yaml.safe_load(LOCAL.read_text())
+    local.update(edit)
+    report = check_cluster_file(write_yaml(tmp_path / "local.yaml", local))
+    assert [p.key for p in report.problems] == ["file_mounts[~/.cmx-cluster/ray_auth_token]"], report.problems
+    assert report.problems[0].message == message
+    assert "cmx cluster up" in report.problems[0].hint

@@ -9,7 +9,7 @@ file is a copy of cluster/local.yaml with only the placeholders filled (addresse
 worker); `ray up` runs its setup and start commands unchanged: the token and the repo (with .git)
 travel by rsync, the venv gets `pip install -e ~/cmx`, the head starts MLflow (basic auth, bound to
 its private address) and Ray (token auth), the head's autoscaler SSHes into the worker and starts
-it. A two-trial sweep runs on the head with `ray exec ... cmx sweep --address auto`; its trials run
+it. A two-trial sweep is submitted from the laptop as a Ray job (`cmx cluster submit`, the cluster's token through `ray dashboard`'s tunnel); its trials run
 one per node (2 CPUs each). MLflow is queried from the laptop with and without credentials; the
 runs carry the commit `ray up` shipped. `bash cluster/down.sh` stops MLflow, Ray on the worker
 (from the head) and `ray down`; then no process but sshd is left on either node, and after the
@@ -221,9 +221,11 @@ def test_ray_up_two_nodes_sweep_mlflow_down(machines: SshNodes, fmnist_tiny_path
     assert "passes Ray's cluster schema" in check.stdout
 
     shipped = git_head(REPO)
-    up = laptop.run("bash", "cluster/up.sh", str(laptop.cluster_file), "--no-config-cache", timeout=600, step="ray up")
-    token = (machines.laptop_home / ".ray" / "auth_token").read_text().strip()
-    assert token and token not in up.stdout + up.stderr  # made on the laptop, never printed
+    up = laptop.run(str(BIN / "cmx"), "cluster", "up", str(laptop.cluster_file), "--no-config-cache", timeout=600,
+                    step="ray up")  # fmt: skip
+    token = (machines.laptop_home / ".cmx" / "clusters" / "cmx-onprem" / "ray_auth_token").read_text().strip()
+    assert token and token not in up.stdout + up.stderr  # this cluster's own, made on the laptop, never printed
+    assert (head.home / ".cmx-cluster" / "ray_auth_token").read_text().strip() == token
     assert git_head(head.home / "cmx") == shipped  # .git travelled with the checkout
 
     # The head's autoscaler starts the worker on its own (setup over SSH from the head).
@@ -241,9 +243,17 @@ def test_ray_up_two_nodes_sweep_mlflow_down(machines: SshNodes, fmnist_tiny_path
     node_ids = {n.ip: n.ray_node_id() for n in (head, worker)}
     assert all(node_ids.values()), node_ids
 
-    # The sweep, driven on the head as the cluster file's header shows.
-    laptop.ray_exec(f"cmx sweep --space {spec} --address auto --storage /mnt/cmx-shared/sweeps", timeout=600,
-                    step="cmx sweep (2 trials, on the head)")  # fmt: skip
+    # The sweep, submitted from the laptop as a Ray job: through `ray dashboard`'s SSH tunnel, with the
+    # cluster's token (the dashboard refuses requests without it, checked on the head itself).
+    job = laptop.run(str(BIN / "cmx"), "cluster", "submit", str(laptop.cluster_file), "--",
+                     "cmx", "sweep", "--space", spec, "--address", "auto", "--storage", "/mnt/cmx-shared/sweeps",
+                     timeout=600, step="cmx sweep (2 trials, a job from the laptop)")  # fmt: skip
+    assert "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-3000:]
+    refused = laptop.ray_exec(
+        "python3 -c \"import urllib.request as u, urllib.error as e\n"
+        "try: u.urlopen('http://127.0.0.1:8265/api/jobs/', timeout=10); print('HTTP 200')\n"
+        "except e.HTTPError as x: print('HTTP', x.code)\"", timeout=120)  # fmt: skip
+    assert "HTTP 401" in refused, refused
     trial_dirs = sorted((machines.shared / "sweeps" / SWEEP).glob("trial_*"))
     ran_on = {trial_rows(d)[-1]["trial/node_id"] for d in trial_dirs}
     assert len(trial_dirs) == 2 and node_ids[worker.ip] in ran_on, (ran_on, node_ids)

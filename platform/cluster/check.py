@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 from pydantic import Field
 
 from cmx.cluster.ray_compat import prepare_cluster_config, validate_cluster_config
+from cmx.cluster.tokens import LAPTOP_TOKEN_TEMPLATE, laptop_token_source
 from cmx.core.config import StrictModel, load_yaml, validate_config
 from cmx.core.errors import ConfigError
 from cmx.core.sweep_spec import load_sweep_spec
@@ -317,7 +318,8 @@ START_MLFLOW = re.compile(r"\bstart-mlflow\.sh\b")
 MLFLOW_SERVER = re.compile(r"\bmlflow\s+server\b")
 TOKEN_FIX = (
     "prefix it with RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.cmx-cluster/ray_auth_token and ship the "
-    "token with file_mounts (`~/.cmx-cluster/ray_auth_token: ~/.ray/auth_token`), as cluster/local.yaml does"
+    "cluster's token with file_mounts (`~/.cmx-cluster/ray_auth_token: ~/.cmx/clusters/<cluster_name>/"
+    "ray_auth_token`), as cluster/local.yaml does"
 )
 
 
@@ -345,8 +347,11 @@ def auth_mode_problems(config: dict[str, Any]) -> list[Problem]:
     auth = config.get("auth")
     ssh_user = auth.get("ssh_user") if isinstance(auth, dict) else None
     mounts = config.get("file_mounts")
-    shipped = {_home_path(str(d), ssh_user) for d in mounts} if isinstance(mounts, dict) else set()
+    shipped = {_home_path(str(d), ssh_user): str(s) for d, s in mounts.items()} if isinstance(mounts, dict) else {}
+    name = config.get("cluster_name")
+    own = laptop_token_source(name) if isinstance(name, str) else None
     found: list[Problem] = []
+    token_paths: set[str] = set()
     for key in START_KEYS:
         exported: str | None = None
         for i, cmd in enumerate(_commands(config, key)):
@@ -365,11 +370,18 @@ def auth_mode_problems(config: dict[str, Any]) -> list[Problem]:
                     path = _home_path(path_match.group(1), ssh_user) if path_match else DEFAULT_TOKEN_PATH
                     if path not in shipped:
                         found.append(Problem(where, f"token auth reads {path} but file_mounts ships no token there",
-                                             f"add `{path}: ~/.ray/auth_token` to file_mounts (one token for every "
-                                             "node and your laptop)"))  # fmt: skip
+                                             f"add `{path}: {own or LAPTOP_TOKEN_TEMPLATE}` to file_mounts (one token "
+                                             "per cluster, for every node and your laptop)"))  # fmt: skip
+                    else:
+                        token_paths.add(path)
             exported_here = EXPORTED_AUTH_MODE.search(cmd)
             if exported_here:
                 exported = exported_here.group(1)
+    for path in sorted(token_paths):
+        if own and Path(shipped[path]).expanduser() != Path(own).expanduser():
+            found.append(Problem(f"file_mounts[{path}]", f"ships {shipped[path]} as the Ray token, not this cluster's "
+                                 f"own token {own}", f"set `{path}: {own}` (`cmx cluster up` creates it; a shared token "
+                                 "lets one cluster's users into another)"))  # fmt: skip
     return found
 
 
