@@ -20,7 +20,7 @@ demo: setup
 # -X faulthandler: a crash in native code, even while the interpreter shuts down after the
 # summary, prints every thread's Python stack (one fresh-clone run on 2026-12-01 segfaulted there).
 test: setup check
-	$(BIN)/python -X faulthandler -m pytest -q
+	$(BIN)/python -X faulthandler -m pytest -q --durations=30
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
