@@ -241,3 +241,45 @@ def test_data_parallel_trials_pause_and_resume_and_release_cpus(
         assert ray.available_resources().get("CPU", 0) >= 3 - 1e-6, "CPUs leaked by paused trials"
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_paused_and_resumed_trial_equals_the_same_run_straight(
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str]
+) -> None:
+    """Deterministic mode: a trial that waits at the rung and is resumed later (a fresh process,
+    from its checkpoint) reports exactly the metrics of the same config trained without a pause."""
+    import ray
+    import yaml
+
+    from cmx.cluster.runtime import init_ray
+    from cmx.core import metrics as M
+    from cmx.core.config import TrainConfig
+    from cmx.pipelines.trainer import train
+
+    # One CPU, grid order: the good lr runs first and waits alone at the rung; the bad one reaches
+    # the rung next, and the first (lower train loss) is promoted, i.e. resumed from its checkpoint.
+    path = write_spec(tmp_path, fmnist_tiny_paths, name="det-promo", epochs=2, backend="torchvision",
+                      scheduler=PROMOTION, search={"algorithm": "grid", "num_samples": 1})  # fmt: skip
+    spec = yaml.safe_load(path.read_text())
+    spec["space"] = {"optim.lr": {"type": "grid", "values": [0.01, 1e-7]}}
+    spec["base"]["loop"]["deterministic"] = True
+    spec["base"]["data"]["augment"]["random_erasing"] = 0.25
+    path.write_text(yaml.safe_dump(spec))
+    init_ray(num_cpus=1)
+    try:
+        outcome = run_sweep(load_sweep_spec(path), source_text=path.read_text())
+    finally:
+        ray.shutdown()
+    rows = {Path(t.path): trial_rows(Path(t.path)) for t in outcome.trials}
+    resumed = [p for p, r in rows.items() if len(r) == 2 and M.SETUP_SECONDS in r[1]]
+    assert len(resumed) == 1, {
+        p.name: [sorted(k for k in x if k.startswith("time/")) for x in r] for p, r in rows.items()
+    }
+    trial_dir = resumed[0]
+    cfg = TrainConfig.model_validate(yaml.safe_load((trial_dir / "run" / "config.yaml").read_text()))
+    assert cfg.loop.deterministic and cfg.optim.lr == 0.01 and cfg.loop.epochs == 2
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    compared = [k for k in M.ALL if k not in (M.IMAGES_PER_SEC, M.EPOCH_SECONDS, M.PEAK_MEMORY_MB)]
+    got = [{k: r[k] for k in compared} for r in rows[trial_dir]]
+    assert got == [{k: h[k] for k in compared} for h in straight.history]
