@@ -100,3 +100,65 @@ def test_two_gloo_processes_cover_every_sample_exactly_once(tmp_path: Path) -> N
     # Shuffling depends on the epoch: rank 0's training order differs between epochs 0 and 1.
     assert ranks[0]["ffcv/train"]["epochs"][0] != ranks[0]["ffcv/train"]["epochs"][1]
     assert np.mean([len(r["ffcv/val"]["epochs"][0]) for r in ranks]) == 5.5
+
+
+DETERMINISTIC_WORKER = r"""
+import hashlib, json, sys
+import torch, torch.distributed as dist
+from cmx.core.config import AugmentConfig, DataConfig
+from cmx.pipelines.loaders import build_loader
+
+rank, store, beton, workers, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+torch.set_num_threads(1)
+aug = AugmentConfig(scale=(0.3, 1.0), random_erasing=0.5)  # random crops, flips and erasing
+cfg = DataConfig(backend="ffcv", train_path=beton, batch_size=2, resolution=12, drop_last=False,
+                 num_workers=workers, augment=aug, mean=(0, 0, 0), std=(1, 1, 1))
+loader = build_loader(cfg, "train", seed=5, deterministic=True)
+epochs = []
+for epoch in (0, 1):
+    loader.set_epoch(epoch)
+    epochs.append([hashlib.sha1(x.contiguous().numpy().tobytes()).hexdigest() for x, _ in loader])
+json.dump(epochs, open(out, "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_deterministic_ffcv_shards_do_not_depend_on_loader_threads(tmp_path: Path) -> None:
+    """Deterministic mode on 2 gloo ranks: each rank's batches (order, crops, flips, erasing) are
+    the same with 1 or 2 FFCV threads; the two ranks' batches differ."""
+    folder = make_square_folder(tmp_path / "sq", size=16, per_class=4)
+    beton = tmp_path / "sq.beton"
+    convert_image_folder(folder, beton, write_mode="raw", max_resolution=None, workers=1, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for workers in (1, 2):
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    DETERMINISTIC_WORKER,
+                    str(r),
+                    str(tmp_path / f"store{workers}"),
+                    str(beton),
+                    str(workers),
+                    str(tmp_path / f"w{workers}-rank{r}.json"),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+            for r in (0, 1)
+        ]
+        outputs = [p.communicate(timeout=360)[0] for p in procs]
+        for p, out in zip(procs, outputs, strict=True):
+            assert p.returncode == 0, out[-3000:]
+        runs[workers] = [json.loads((tmp_path / f"w{workers}-rank{r}.json").read_text()) for r in (0, 1)]
+    assert runs[1] == runs[2]
+    rank0, rank1 = runs[1]
+    assert all(rank0) and all(rank1) and rank0 != rank1 and rank0[0] != rank0[1]
