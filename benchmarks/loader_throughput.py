@@ -4,9 +4,12 @@ Same crop size, batch size and worker count for all; several rounds (full epochs
 each contender in a fresh process of its own (as a training process has one loader), one after
 the other, medians.
 Reports images/s (wall) and CPU-ms per image (all threads and worker processes), and separately
-the one-time cost of the FFCV path (import + JIT compile of a new Loader). A benchmark, not a test:
+the one-time cost of the FFCV path (import + JIT compile of a new Loader). `--arms determinism`
+runs only cmx's FFCV loader with and without `deterministic=True` (keyed crops and flips, issue 14)
+and reports the cost of determinism per core. A benchmark, not a test:
 
     .venv/bin/python benchmarks/loader_throughput.py [--images 2048] [--rounds 5] [--json OUT]
+    .venv/bin/python benchmarks/loader_throughput.py --arms determinism [--json OUT]
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def epochs_of(loader: Any) -> Callable[[int], Iterable[Any]]:
     return epoch
 
 
-def cmx_loader(backend: str, path: Path, args: argparse.Namespace) -> Any:
+def cmx_loader(backend: str, path: Path, args: argparse.Namespace, deterministic: bool = False) -> Any:
     from cmx.core.config import DataConfig
     from cmx.pipelines.loaders import build_loader
 
@@ -112,7 +115,7 @@ def cmx_loader(backend: str, path: Path, args: argparse.Namespace) -> Any:
         resolution=args.resolution,
         drop_last=False,
     )
-    return build_loader(cfg, "train")
+    return build_loader(cfg, "train", deterministic=deterministic)
 
 
 def plain_torchvision(folder: Path, args: argparse.Namespace) -> Any:
@@ -225,6 +228,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--data-dir", type=Path, default=None, help="default: $CMX_HOME/bench/loader")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--arms",
+        choices=("all", "determinism"),
+        default="all",
+        help="determinism: only cmx ffcv with and without deterministic=True (the cost of determinism)",
+    )
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one contender, in this process
     args = p.parse_args(argv)
 
@@ -263,10 +272,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cmx ffcv (all raw)": lambda: epochs_of(cmx_loader("ffcv", beton_raw, args)),
         "cmx torchvision": lambda: epochs_of(cmx_loader("torchvision", folder, args)),
         "plain torchvision": lambda: every_epoch(plain_torchvision(folder, args)),
+        "cmx ffcv (deterministic)": lambda: epochs_of(cmx_loader("ffcv", beton, args, deterministic=True)),
     }
     if args.only is not None:
         print(json.dumps(run_rounds(contenders[args.only](), args.images, args.rounds)))
         return {}
+    if args.arms == "determinism":
+        return determinism_cost(args, lambda name: in_fresh_process(name, argv))
+    del contenders["cmx ffcv (deterministic)"]  # the main table is the issue-3 comparison
     load_before = os.getloadavg()[0]
     results = {name: in_fresh_process(name, argv) for name in contenders}
     once = one_time_cost(beton, args)
@@ -319,6 +332,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{'PASS' if ok else 'FAIL'}: per-core speedup {summary['speedup_per_core']:.2f}x (need >= {REQUIRED_SPEEDUP}x)"
     )
     out = {"results": results, "summary": summary, "one_time": once, "env": env}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def determinism_cost(args: argparse.Namespace, run: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """cmx ffcv vs cmx ffcv (deterministic), each in a fresh process, in turn; ratios of the medians."""
+    load_before = os.getloadavg()[0]
+    results = {name: run(name) for name in ("cmx ffcv", "cmx ffcv (deterministic)")}
+    base, det = results["cmx ffcv"], results["cmx ffcv (deterministic)"]
+    summary = {
+        "deterministic_cpu_per_img_ratio": det["cpu_ms_per_img"] / base["cpu_ms_per_img"],
+        "deterministic_wall_ratio": base["img_per_s"] / det["img_per_s"],
+        "deterministic_img_per_s_per_core": 1000 / det["cpu_ms_per_img"],
+        "default_img_per_s_per_core": 1000 / base["cpu_ms_per_img"],
+    }
+    env = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "load_average_1m": os.getloadavg()[0],
+        "load_average_1m_before": load_before,
+        "versions": {k: version(k) for k in ("torch", "ffcv", "numba", "numpy")},
+        "setup": f"{args.images} JPEGs, cmx default .beton (half raw, half JPEG q90), batch {args.batch_size}, "
+        f"{args.workers} workers, {args.resolution} px RandomResizedCrop + flip + normalize, {args.rounds} rounds",
+    }
+    print(f"# determinism cost ({env['setup']})")
+    print(f"{'loader':<26} {'img/s':>8} {'CPU-ms/img':>11} {'img/s/core':>11}   rounds (img/s)")
+    for name, r in results.items():
+        print(
+            f"{name:<26} {r['img_per_s']:>8.0f} {r['cpu_ms_per_img']:>11.3f} {1000 / r['cpu_ms_per_img']:>11.0f}"
+            f"   {r['img_per_s_rounds']}"
+        )
+    print(
+        f"deterministic / default: {summary['deterministic_cpu_per_img_ratio']:.3f}x CPU per image, "
+        f"{summary['deterministic_wall_ratio']:.3f}x wall time (load average {load_before:.1f} before)"
+    )
+    out = {"results": results, "summary": summary, "env": env}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
