@@ -54,6 +54,12 @@ def test_multi_objective_sweeps_have_no_single_winner_to_confirm(
         load_sweep_spec(path)
 
 
+def test_confirm_needs_a_sweep_folder_on_disk(tmp_path: Path, fmnist_tiny_paths: dict[str, str]) -> None:
+    path = write_spec(tmp_path, fmnist_tiny_paths, name="s3", storage={"path": "s3://bucket/sweeps"}, confirm={})
+    with pytest.raises(ConfigError, match="storage.path s3://bucket/sweeps is a URI"):
+        load_sweep_spec(path)
+
+
 def test_confirm_defaults_and_does_not_change_what_a_resume_compares(
     tmp_path: Path, fmnist_tiny_paths: dict[str, str]
 ) -> None:
@@ -65,12 +71,40 @@ def test_confirm_defaults_and_does_not_change_what_a_resume_compares(
     assert spec_fingerprint(plain) == spec_fingerprint(confirmed)
 
 
+def test_summary_uses_completed_reruns_only_and_picks_the_best_mean(
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str]
+) -> None:
+    from cmx.confirm.plan import Candidate, RerunResult, summarise, table_text
+
+    spec = load_sweep_spec(write_spec(tmp_path, fmnist_tiny_paths, name="sum", confirm={"top_k": 2, "seeds": 2}))
+    assert spec.confirm is not None
+    found = [Candidate("a", 81.0, {}, {"model.dim": 8}, 0), Candidate("b", 79.0, {}, {"model.dim": 16}, 0)]
+
+    def rerun(of: str, seed: int, status: M.TrialStatus, top1: float | None) -> RerunResult:
+        values = {} if top1 is None else {M.VAL_TOP1: top1}
+        return RerunResult(trial_id=f"{of}{seed}", of=of, seed=seed, status=status.tag, epochs=3, values=values)
+
+    done = M.TrialStatus.COMPLETED
+    reruns = [rerun("a", 1, done, 70.0), rerun("a", 2, M.TrialStatus.FAILED, None), rerun("b", 1, done, 75.0)]
+    partial = summarise(spec, spec.confirm, found, reruns)
+    assert not partial.complete  # b's second seed has not run
+    a, b = partial.configs
+    assert (a.completed, a.stats[M.VAL_TOP1].mean, a.stats[M.VAL_TOP1].std) == (1, 70.0, None)
+    assert a.seeds == [1, 2] and b.rank == 2
+    full = summarise(spec, spec.confirm, found, [*reruns, rerun("b", 2, done, 78.0)])
+    assert full.complete and full.winner == "b" and full.search_winner == "a"  # the search's pick lost
+    assert full.configs[1].stats[M.VAL_TOP1].mean == 76.5
+    assert full.configs[1].stats[M.VAL_TOP1].std == pytest.approx(statistics.stdev([75.0, 78.0]))
+    assert "| 2 | b (winner) | 79.0000 | 2/2 | 76.5000 ± 2.1213 |" in table_text(full)
+
+
 # ---------------------------------------------------------------- a real sweep with a confirm stage
 
 
 @pytest.fixture(scope="module")
 def confirmed(tmp_path_factory: pytest.TempPathFactory, fmnist_tiny_paths: dict[str, str]) -> Iterator[dict[str, Any]]:
-    """`cmx sweep` of 3 trials x 2 epochs with `confirm: {top_k: 2, seeds: 2}`, tracked in sqlite."""
+    """`cmx sweep` of 3 trials x 2 epochs with `confirm: {top_k: 2, seeds: 2}` and a test split,
+    tracked in sqlite."""
     tmp = tmp_path_factory.mktemp("confirm")
     ray_tmp = private_ray_tmp()
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -83,6 +117,7 @@ def confirmed(tmp_path_factory: pytest.TempPathFactory, fmnist_tiny_paths: dict[
         scheduler={"name": "none"},
         tracking={"enabled": True, "uri": uri, "keep_best_checkpoints": 1},
         confirm={"top_k": 2, "seeds": 2},
+        test=True,
     )
     env = {"CMX_RAY_TMP": ray_tmp}
     try:
@@ -95,7 +130,7 @@ def confirmed(tmp_path_factory: pytest.TempPathFactory, fmnist_tiny_paths: dict[
 def _expected(sweep: Path, top_k: int) -> list[tuple[str, float, int]]:
     """(trial id, best val/top1, its loop.seed) of the sweep's top-k trials, read from its trial folders."""
     trials = []
-    for trial_dir in sweep.glob("trial_*"):
+    for trial_dir in sorted(sweep.glob("trial_*")):  # ties keep this order, as the stage's ranking does
         rows = trial_rows(trial_dir)
         trials.append((trial_dir.name.removeprefix("trial_"), max(r[M.VAL_TOP1] for r in rows)))
     trials.sort(key=lambda t: -t[1])
@@ -109,6 +144,21 @@ def _reruns(sweep: Path) -> dict[tuple[str, int], list[dict[str, Any]]]:
         point = json.loads((trial_dir / "params.json").read_text())["cmx_confirm"]
         out[(point["of"], point["seed"])] = trial_rows(trial_dir)
     return out
+
+
+def _test_scores(sweep: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """(trial confirmed, seed) -> the re-run's score on the test split, as the stage kept it."""
+    out = {}
+    for trial_dir in (sweep / "confirm").glob("trial_*"):
+        point = json.loads((trial_dir / "params.json").read_text())["cmx_confirm"]
+        out[(point["of"], point["seed"])] = json.loads((trial_dir / "cmx-test.json").read_text())
+    return out
+
+
+def _files(sweep: Path) -> dict[Path, Any]:
+    """Each re-run's reported rows (content) and test score (written when: never rewritten)."""
+    rows = {p: p.read_text() for p in (sweep / "confirm").glob("trial_*/result.json")}
+    return {**rows, **{p: p.stat().st_mtime_ns for p in (sweep / "confirm").glob("trial_*/cmx-test.json")}}
 
 
 def _client(uri: str) -> Any:
@@ -151,6 +201,23 @@ def test_sweep_with_confirm_retrains_top_k_with_new_seeds_and_picks_by_mean(conf
         assert stat["std"] == pytest.approx(statistics.stdev(values))
         assert stat["n"] == 2 and config["completed"] == 2 and config["seeds"] == [1, 2]
         means[config["of"]] = stat["mean"]
+    # Test top-1: each re-run's best checkpoint (the epoch its val/top1 peaked) measured on the test split.
+    tests = _test_scores(sweep)
+    for config in summary["configs"]:
+        values = [tests[(config["of"], s)][M.TEST_TOP1] for s in (1, 2)]
+        assert config["stats"][M.TEST_TOP1]["mean"] == pytest.approx(statistics.fmean(values))
+        assert config["stats"][M.TEST_TOP1]["std"] == pytest.approx(statistics.stdev(values))
+    for key, score in tests.items():
+        rows = reruns[key]
+        best_epoch = max(rows, key=lambda r: r[M.VAL_TOP1])[M.EPOCH]
+        assert Path(score["checkpoint"]).name == f"checkpoint_{best_epoch - 1:06d}", (key, score)
+        assert score["num_samples"] == 400 and 0 <= score[M.TEST_TOP1] <= 100
+    from cmx.tracking.heldout import evaluate_trials_on_test
+
+    key, score = next(iter(tests.items()))
+    again = evaluate_trials_on_test({"x": score["checkpoint"]}, score["test_path"], threads=1)["x"]
+    assert again.top1 == pytest.approx(score[M.TEST_TOP1]) and again.top5 == pytest.approx(score[M.TEST_TOP5])
+    assert M.TEST_TOP1 in out.stdout  # a column of the table
     assert [c["of"] for c in summary["configs"]] == [tid for tid, _, _ in top]
     assert summary["winner"] == max(means, key=lambda k: means[k])
     assert f"confirmed winner: trial {summary['winner']}" in out.stdout
@@ -167,7 +234,7 @@ def test_reruns_are_nested_runs_tagged_with_what_they_confirm(confirmed: dict[st
     summary = json.loads((confirmed["sweep"] / "confirm-summary.json").read_text())
     children = [r for r in runs if r.data.tags.get("cmx.role") == "confirm"]
     assert len(children) == 4
-    reruns = _reruns(confirmed["sweep"])
+    reruns, tests = _reruns(confirmed["sweep"]), _test_scores(confirmed["sweep"])
     client = _client(confirmed["uri"])
     for run in children:
         tags = run.data.tags
@@ -177,6 +244,7 @@ def test_reruns_are_nested_runs_tagged_with_what_they_confirm(confirmed: dict[st
         assert run.data.params["loop.seed"] == str(key[1]) and run.data.params["loop.epochs"] == "2"
         history = client.get_metric_history(run.info.run_id, M.VAL_TOP1)
         assert [(m.step, m.value) for m in history] == [(r[M.EPOCH], r[M.VAL_TOP1]) for r in reruns[key]]
+        assert run.data.metrics[M.TEST_TOP1] == pytest.approx(tests[key][M.TEST_TOP1])
     # The winner and its mean ± std on the sweep's run, with the table and the JSON as artifacts.
     tags, values = parent.data.tags, parent.data.metrics
     assert tags["cmx.confirm.winner"] == summary["winner"] and tags["cmx.confirm.complete"] == "true"
@@ -190,6 +258,12 @@ def test_reruns_are_nested_runs_tagged_with_what_they_confirm(confirmed: dict[st
 
     _, trials = sweep_trials(confirmed["uri"], NAME)
     assert len(trials) == 3 and all(t.tags.get("cmx.role") == "trial" for t in trials)
+    # `cmx runs best` names the search's best trial, and the confirmed winner with its mean ± std.
+    best = run_cmx("runs", "best", "--sweep", NAME, "--tracking-uri", confirmed["uri"], home=confirmed["tmp"] / "home")
+    assert best.returncode == 0, best.stderr
+    line = next(ln for ln in best.stdout.splitlines() if "confirmed winner" in ln)
+    assert f"trial {summary['winner']}, {M.VAL_TOP1} {tags[f'cmx.confirm.winner.{M.VAL_TOP1}']}" in line, line
+    assert "best trial" in best.stdout
 
 
 @pytest.mark.slow
@@ -198,12 +272,13 @@ def test_confirm_command_on_a_finished_sweep_continues_without_redoing(confirmed
     assert confirmed["out"].returncode == 0
     sweep, home, env = confirmed["sweep"], confirmed["tmp"] / "home", confirmed["env"]
     storage = str(sweep.parent)
-    before = {p: p.read_text() for p in (sweep / "confirm").glob("trial_*/result.json")}
+    before = _files(sweep)
     # The same plan again: every re-run finished, nothing is trained again.
     again = run_cmx("sweep", "confirm", NAME, "--storage", storage, home=home, env=env, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "continuing the confirm stage" in again.stderr
-    assert {p: p.read_text() for p in (sweep / "confirm").glob("trial_*/result.json")} == before
+    # Nothing trained or measured on test again: every re-run's files are as they were.
+    assert _files(sweep) == before
     _, runs = _runs(confirmed["uri"])
     assert len([r for r in runs if r.data.tags.get("cmx.role") == "confirm"]) == 4
     # Another plan on the same folder is refused in one line, before anything runs.

@@ -132,6 +132,14 @@ def best_command(sweep: str | None, download: Path | None, tracking_uri: str | N
     for k in searched:
         console.print(f"  {k} = {trial.params.get(k)}")
     console.print(f"  run id: {trial.run_id}")
+    confirmed = parent.tags.get("cmx.confirm.winner")
+    if confirmed:
+        same = "the same trial" if confirmed == trial.tags.get(T.TAG_TRIAL) else "not the search's pick"
+        console.print(
+            f"  [bold]confirmed winner[/] (top configurations re-trained with new seeds, by the mean): trial "
+            f"{confirmed}, {metric} {parent.tags.get(f'cmx.confirm.winner.{metric}', '?')} ({same}; "
+            f"the table is the sweep run's artifact confirm/confirm-summary.md)"
+        )
     model = trial.tags.get("cmx.registered_model")
     if model:
         console.print(f"  registered model: models:/{model}")

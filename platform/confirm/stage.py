@@ -4,11 +4,13 @@ The re-runs are one Tune experiment, `confirm/` inside the sweep folder: a grid 
 (configuration, seed) pairs of `cmx.confirm.plan`, no searcher, no scheduler stopping, each
 trained by the sweep's own trial function (`run_trial`) at the full epoch budget. Running it again
 restores that experiment: finished re-runs stay done, unfinished ones continue from their
-checkpoints. The summary is written to the sweep folder and, with tracking on, to its MLflow run.
+checkpoints. With `base.data.test_path`, each completed re-run's best checkpoint is then measured
+on the test split (once). The summary is written to the sweep folder and, with tracking on, to its MLflow run.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from cmx.cluster.runtime import NodeCapacity, alive_nodes, init_ray, local_capac
 from cmx.confirm.plan import (
     CONFIRM_DIR,
     PLAN_FILE,
+    TEST_FILE,
     ConfirmSummary,
     plan_reruns,
     plan_text,
@@ -30,6 +33,8 @@ from cmx.confirm.plan import (
 )
 from cmx.confirm.tracking import ConfirmTracking, forget_reruns, log_summary
 from cmx.core.errors import ConfigError
+from cmx.core.files import atomic_write_text
+from cmx.core.metrics import TrialStatus
 from cmx.core.sweep_spec import ConfirmConfig, SweepSpec
 from cmx.core.uris import is_uri
 from cmx.sweep.checkpoint_retention import CheckpointRetention
@@ -39,6 +44,7 @@ from cmx.sweep.trial import CONFIRM_KEY
 from cmx.sweep.trial_logs import KeepTrialLogs
 from cmx.sweep.tune_state import StateBackup, repair_torn_state
 from cmx.sweep.tuner import trainable_for
+from cmx.tracking.heldout import evaluate_trials_on_test
 
 
 def confirm_path(spec: SweepSpec) -> str:
@@ -84,11 +90,28 @@ def run_confirm(
     if on_start:
         on_start(len(reruns), resumed)
     tuner.fit()
+    measure_test(spec, where)
     summary = summarise(spec, settings, candidates, read_reruns(spec, where))
     write_summary(path, summary)
     if spec.tracking.enabled:
         log_summary(spec, path, summary)
     return summary
+
+
+def measure_test(spec: SweepSpec, where: str) -> None:
+    """Each completed re-run's best checkpoint on `base.data.test_path`, once: the score is kept in
+    the re-run's folder (TEST_FILE), so a continued stage measures only new re-runs."""
+    test_path = spec.base.data.test_path
+    if not test_path:
+        return
+    for r in read_reruns(spec, where):
+        done = Path(where) / f"trial_{r.trial_id}" / TEST_FILE
+        if r.status != TrialStatus.COMPLETED.tag or r.checkpoint is None or done.is_file():
+            continue
+        score = evaluate_trials_on_test({r.trial_id: r.checkpoint}, test_path, threads=spec.base.loop.threads)
+        s = score[r.trial_id]
+        record = {**s.metrics(), "checkpoint": s.checkpoint, "num_samples": s.num_samples, "test_path": test_path}
+        atomic_write_text(done, json.dumps(record, indent=1))
 
 
 def _prepare(spec: SweepSpec, where: str, plan: str, fresh: bool) -> bool:

@@ -178,7 +178,8 @@ def log_summary(spec: SweepSpec, sweep_dir: str | Path, summary: ConfirmSummary)
     for r in summary.reruns:
         key = rerun_key(t, r.of, r.seed)
         if t.has_run(key) and r.values:
-            t.log(key, metrics={f"best/{k}": v for k, v in r.values.items()}, step=r.best_epoch or 0)
+            at_best = {k if k in M.TEST else f"best/{k}": v for k, v in r.values.items()}
+            t.log(key, metrics=at_best, step=r.best_epoch or 0)
     tags = {"cmx.confirm.complete": str(summary.complete).lower(), "cmx.confirm.search_winner": summary.search_winner}
     win = summary.winner_summary()
     values: dict[str, float] = {}

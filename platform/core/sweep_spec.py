@@ -29,7 +29,7 @@ from cmx.core.config import (
 )
 from cmx.core.constraints import compile_rule, evaluate_rule, rule_keys
 from cmx.core.errors import ConfigError
-from cmx.core.uris import check_storage_location, check_tracking_uri
+from cmx.core.uris import check_storage_location, check_tracking_uri, is_uri
 
 # ------------------------------------------------------------------ distributions
 
@@ -377,6 +377,11 @@ def check_confirm(spec: SweepSpec, source: str) -> None:
         raise ConfigError(
             f"{source}: confirm: a multi-objective search has a Pareto front, not one winner to confirm",
             "remove confirm:, or search one objective (search.metric / search.mode)",
+        )
+    if spec.storage.path and is_uri(spec.storage.path):
+        raise ConfigError(
+            f"{source}: confirm: the stage reads the sweep folder, and storage.path {spec.storage.path} is a URI",
+            "use a local or shared (NFS) storage.path, or remove confirm:",
         )
     if spec.confirm.top_k > spec.planned_trials():
         raise ConfigError(
