@@ -7,7 +7,7 @@ crop differently. Here every random number is a counter-based hash (splitmix64) 
 whatever the numba thread that decodes it, the number of threads, the process, or a resume.
 `ffcv_compat.keyed_crop_decoder_class` uses these kernels in FFCV's decoder (the flip is folded
 into the crop decoder, which knows the sample indices). The kernels are numba-compiled on first
-use (`kernels()`), so importing this module costs nothing; they compile in each new process.
+use (`kernels()`), so importing this module costs nothing, and kept in numba's disk cache.
 """
 
 from __future__ import annotations
@@ -39,21 +39,18 @@ def kernels() -> Kernels:
     """Compile the keyed kernels (once per process)."""
     from numba import njit
 
-    jit = njit(nogil=True)
+    jit = njit(nogil=True, cache=True)  # kept in numba's disk cache (ffcv_compat.enable_jit_cache)
 
-    @jit
-    def mix(z: np.uint64) -> np.uint64:
-        """splitmix64's finaliser (uint64 arithmetic wraps in numba)."""
-        z = (z ^ (z >> _S30)) * _M1
-        z = (z ^ (z >> _S27)) * _M2
-        return z ^ (z >> _S31)
-
+    # Each kernel is self-contained (the hash is an inner function): a kernel that called another
+    # dispatcher from this closure would miss numba's disk cache in every new process.
     @jit
     def uniform01(seed: np.uint64, epoch: np.uint64, sample: np.uint64, draw: np.uint64) -> float:
-        h = mix(seed + _GAMMA)
-        h = mix(h ^ (epoch + _GAMMA))
-        h = mix(h ^ (sample + _GAMMA))
-        h = mix(h ^ (draw + _GAMMA))
+        def mix(z: np.uint64) -> np.uint64:  # splitmix64's finaliser (uint64 arithmetic wraps)
+            z = (z ^ (z >> _S30)) * _M1
+            z = (z ^ (z >> _S27)) * _M2
+            return z ^ (z >> _S31)
+
+        h = mix(mix(mix(mix(seed + _GAMMA) ^ (epoch + _GAMMA)) ^ (sample + _GAMMA)) ^ (draw + _GAMMA))
         return float(h >> _S11) * _TO_UNIT
 
     @jit
@@ -68,18 +65,29 @@ def kernels() -> Kernels:
         flip_prob: float,
     ) -> tuple[int, int, int, int, bool]:
         """FFCV's `get_random_crop` (torchvision's algorithm) with keyed draws, plus the flip decision."""
+
+        def mix(z: np.uint64) -> np.uint64:
+            z = (z ^ (z >> _S30)) * _M1
+            z = (z ^ (z >> _S27)) * _M2
+            return z ^ (z >> _S31)
+
+        key = mix(mix(mix(seed + _GAMMA) ^ (epoch + _GAMMA)) ^ (sample + _GAMMA))
+
+        def u(draw: int) -> float:  # uniform01(seed, epoch, sample, draw)
+            return float(mix(key ^ (np.uint64(draw) + _GAMMA)) >> _S11) * _TO_UNIT
+
         area = height * width
         log_r0, log_r1 = np.log(ratio[0]), np.log(ratio[1])
-        flip = uniform01(seed, epoch, sample, np.uint64(0)) < flip_prob
+        flip = u(0) < flip_prob
         for attempt in range(10):
-            d = np.uint64(1 + 4 * attempt)
-            target_area = area * (scale[0] + (scale[1] - scale[0]) * uniform01(seed, epoch, sample, d))
-            aspect = np.exp(log_r0 + (log_r1 - log_r0) * uniform01(seed, epoch, sample, d + np.uint64(1)))
+            d = 1 + 4 * attempt
+            target_area = area * (scale[0] + (scale[1] - scale[0]) * u(d))
+            aspect = np.exp(log_r0 + (log_r1 - log_r0) * u(d + 1))
             w = int(round(np.sqrt(target_area * aspect)))
             h = int(round(np.sqrt(target_area / aspect)))
             if 0 < w <= width and 0 < h <= height:
-                i = int(uniform01(seed, epoch, sample, d + np.uint64(2)) * (height - h + 1))
-                j = int(uniform01(seed, epoch, sample, d + np.uint64(3)) * (width - w + 1))
+                i = int(u(d + 2) * (height - h + 1))
+                j = int(u(d + 3) * (width - w + 1))
                 return i, j, h, w, flip
         in_ratio = float(width) / float(height)
         if in_ratio < min(ratio[0], ratio[1]):

@@ -94,3 +94,20 @@ def test_ffcv_color_jitter_is_refused_in_deterministic_mode(fmnist_tiny_export) 
         TrainConfig.model_validate(base)
     base["data"]["backend"] = "torchvision"
     assert TrainConfig.model_validate(base).loop.deterministic  # torchvision's jitter is keyed per sample
+
+
+def test_keyed_kernels_load_from_numbas_disk_cache(tmp_path) -> None:  # noqa: ANN001
+    """A second process loads the keyed crop from numba's disk cache instead of compiling it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np; from cmx.pipelines.ffcv_deterministic import kernels; k = kernels();"
+        "k.keyed_crop(9, 9, np.array([0.5, 1.0]), np.array([0.75, 1.25]), np.uint64(1), np.uint64(2), np.uint64(3), 0.5);"
+        "print(sum(k.keyed_crop.stats.cache_hits.values()))"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    hits = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                           timeout=120).stdout.split()[-1] for _ in range(2)]  # fmt: skip
+    assert hits == ["0", "1"]
