@@ -71,6 +71,14 @@ def test_val_as_test_is_refused(fmnist_tiny_paths: dict[str, str], tmp_path: Pat
     assert out.returncode != 0
     assert f"{path}: base: data.test_path {copy} holds the same data as data.val_path" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    # A sweep reads its test split at the end: a missing one stops it before Ray starts.
+    from cmx.core.sweep_spec import load_sweep_spec
+    from cmx.sweep.tuner import run_sweep
+
+    base["data"]["test_path"] = str(tmp_path / "no-test")
+    path.write_text(yaml.safe_dump({**spec, "name": "leak", "storage": {"path": str(tmp_path / "sw")}}))
+    with pytest.raises(DataError, match="data.test_path .*no-test does not exist"):
+        run_sweep(load_sweep_spec(path), source_text=path.read_text())
 
 
 def test_evaluate_trials_on_test_logs_to_the_trial_run(fmnist_tiny_export: Any, tmp_path: Path) -> None:

@@ -163,7 +163,7 @@ def run_sweep(
     from ray import tune
 
     # Check what needs no cluster before Ray starts (the tracking store included).
-    check_test_apart(spec.base.data, f"sweep {spec.name}: base")
+    check_test_apart(spec.base.data, f"sweep {spec.name}: base", must_exist=True)
     plan_resources(spec, [local_capacity()] if address is None else [NodeCapacity("?", "?", 1e9, 1e9)])
     path = experiment_path(spec)
     check_trusted(experiment_root(spec), path)

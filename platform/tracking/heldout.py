@@ -49,10 +49,16 @@ class TestScore:
         return {M.TEST_TOP1: self.top1, M.TEST_TOP5: self.top5, M.TEST_LOSS: self.loss}
 
 
-def check_test_apart(data: DataConfig, source: str) -> None:
+def check_test_apart(data: DataConfig, source: str, *, must_exist: bool = False) -> None:
     """ConfigError when `data.test_path` is the val data: the same path, or the same content
-    (`data_fingerprint`: a copy of the val `.beton` or folder). Cheap: reads at most 2 MiB each."""
+    (`data_fingerprint`: a copy of the val `.beton` or folder). Cheap: reads at most 2 MiB each.
+    `must_exist`: a local test path that is missing is a DataError too (a sweep reads it at its end)."""
     test, val = data.test_path, data.val_path
+    if test and must_exist and not is_uri(test) and not Path(test).expanduser().exists():
+        raise DataError(
+            f"{source}: data.test_path {test} does not exist",
+            "export it (cmx data builtin fashion-mnist writes test/ and test.beton) or drop data.test_path",
+        )
     if not test or not val:
         return
     hint = "give data.test_path the held-out test split, not a copy of data.val_path"
