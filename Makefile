@@ -17,10 +17,11 @@ setup:
 demo: setup
 	@bash examples/demo.sh
 
-# -X faulthandler: a crash in native code, even while the interpreter shuts down after the
-# summary, prints every thread's Python stack (one fresh-clone run on 2026-12-01 segfaulted there).
+# .ci/suite: the tests in two streams (the two-node `ray up` test beside the rest), each pytest with
+# -X faulthandler: a crash in native code, even while the interpreter shuts down after the summary,
+# prints every thread's Python stack (one fresh-clone run on 2026-12-01 segfaulted there).
 test: setup check
-	$(BIN)/python -X faulthandler -m pytest -q --durations=30
+	bash .ci/suite
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
