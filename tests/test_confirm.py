@@ -3,15 +3,19 @@ re-runs of tiny FFCV trials, tracked in a real MLflow sqlite store."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from support.cli import run_cmx
+from support.cli import run_cmx, start_cmx
 from support.ray_processes import kill_ray_started_with, private_ray_tmp
 from support.sweeps import trial_rows, write_spec
 
@@ -296,3 +300,49 @@ def test_confirm_command_on_a_finished_sweep_continues_without_redoing(confirmed
     summary = yaml.safe_load((sweep / "confirm-summary.json").read_text())
     assert summary["top_k"] == 1 and summary["winner"] == top == summary["search_winner"]
     assert f"confirmed winner: trial {top}" in fresh.stdout and "the search's pick too" in fresh.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_confirm_stage_continues_without_redoing_finished_reruns(confirmed: dict[str, Any]) -> None:
+    assert confirmed["out"].returncode == 0
+    sweep, home = confirmed["sweep"], confirmed["tmp"] / "home"
+    ray_tmp = private_ray_tmp()
+    env = {"CMX_RAY_TMP": ray_tmp, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its state every second
+    # 8 re-runs, two at a time on 2 cores: the kill comes while most are still to run.
+    args = ("sweep", "confirm", NAME, "--storage", str(sweep.parent), "--top-k", "2", "--seeds", "4")
+    earlier = {d.name for d in (sweep / "confirm").glob("trial_*")}  # the last test's stage, until --fresh
+    proc = start_cmx(*args, "--fresh", home=home, env=env)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            new = [d for d in (sweep / "confirm").glob("trial_*") if d.name not in earlier]
+            if any(len(trial_rows(d)) >= 2 for d in new):
+                break
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.5)
+        else:
+            pytest.fail("no re-run finished in time")
+        time.sleep(2)  # let Tune save its experiment state with that re-run finished
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+        kill_ray_started_with(ray_tmp)
+    finished = {k: rows for k, rows in _reruns(sweep).items() if len(rows) >= 2}
+    assert finished and len(finished) < 8, finished.keys()
+    out = run_cmx(*args, home=home, env=env, timeout=600)
+    kill_ray_started_with(ray_tmp)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "continuing the confirm stage" in out.stderr
+    after = _reruns(sweep)
+    assert len(after) == 8 and all(len(rows) == 2 for rows in after.values()), after
+    for key, rows in finished.items():
+        assert after[key] == rows, f"{key} was trained again"
+    summary = json.loads((sweep / "confirm-summary.json").read_text())
+    assert summary["complete"] and all(c["completed"] == 4 for c in summary["configs"])
+    # MLflow: the 8 re-runs of this stage, each ended once; the earlier stages' runs are deleted.
+    _, runs = _runs(confirmed["uri"])
+    reruns = [r for r in runs if r.data.tags.get("cmx.role") == "confirm"]
+    assert len(reruns) == 8 and all(r.info.status == "FINISHED" for r in reruns)
+    assert {(r.data.tags["cmx.confirm.of"], int(r.data.tags["cmx.confirm.seed"])) for r in reruns} == set(after)
