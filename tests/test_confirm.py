@@ -102,6 +102,17 @@ def test_summary_uses_completed_reruns_only_and_picks_the_best_mean(
     assert "| 2 | b (winner) | 79.0000 | 2/2 | 76.5000 ± 2.1213 |" in table_text(full)
 
 
+def test_confirm_command_refuses_a_sweep_still_to_finish(tmp_path: Path, fmnist_tiny_paths: dict[str, str]) -> None:
+    spec = load_sweep_spec(write_spec(tmp_path, fmnist_tiny_paths, name="early", samples=3))
+    folder = tmp_path / "sweeps" / "early"  # saved as a sweep leaves it before its first trial
+    folder.mkdir(parents=True)
+    (folder / "cmx-sweep.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    out = run_cmx("sweep", "confirm", "early", "--storage", str(tmp_path / "sweeps"), home=tmp_path / "home")
+    assert out.returncode != 0 and out.stderr.count("\n") == 1, out.stderr
+    assert "sweep early is not finished (0 of 3 trials ended)" in out.stderr
+    assert "cmx sweep --resume early" in out.stderr
+
+
 # ---------------------------------------------------------------- a real sweep with a confirm stage
 
 

@@ -399,10 +399,11 @@ def confirm_command(
     spec = load_sweep_spec(spec_path, (f"storage.path={storage}",) if storage else ())
     settings = confirm_settings(spec, top_k, seeds)
     s = sweep_status(spec_path.parent)
-    if not s.complete:
+    ended = sum(n for status, n in s.counts.items() if status.finished)
+    # A sweep with a time budget may end before all its trials ran: every trial it started must have ended.
+    if ended < len(s.trials) or (not s.complete and spec.search.time_budget is None):
         raise ConfigError(
-            f"sweep {name} is not finished ({sum(s.counts.values())} of {s.num_samples} trials): "
-            "its top trials may still change",
+            f"sweep {name} is not finished ({ended} of {s.num_samples} trials ended): its top trials may still change",
             f"finish it first: cmx sweep --resume {name}",
         )
     _confirm(spec, settings, address, fresh=fresh)
