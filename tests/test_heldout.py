@@ -91,8 +91,13 @@ def test_evaluate_trials_on_test_logs_to_the_trial_run(fmnist_tiny_export: Any, 
     from cmx.tracking.heldout import evaluate_trials_on_test
 
     cfg = train_config(fmnist_tiny_export, loop={"epochs": 1, "threads": 1})
-    cfg.data.test_path = str(fmnist_tiny_export.test_dir)
+    # Training never opens the test split: a test_path that no loader could read does not matter.
+    unreadable = tmp_path / "test.beton"
+    unreadable.write_bytes(b"not a beton file")
+    cfg.data.test_path = str(unreadable)
     result = T.train(cfg, tmp_path / "run", progress=False)
+    assert result.status == M.TrialStatus.COMPLETED and M.VAL_TOP1 in result.best_metrics
+    assert not any(k.startswith("test/") for row in result.history for k in row)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     record_sweep(tmp_path / "state", uri, "ho")  # trials t0, t1 (the best), t2; no test scores yet
     scores = evaluate_trials_on_test(
