@@ -113,6 +113,27 @@ def test_confirm_command_refuses_a_sweep_still_to_finish(tmp_path: Path, fmnist_
     assert "cmx sweep --resume early" in out.stderr
 
 
+def test_a_tied_best_epoch_is_read_where_its_checkpoint_was_kept(
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str]
+) -> None:
+    """A model stuck at chance scores 10.0 at every epoch; retention keeps the latest of the tie."""
+    from cmx.confirm.plan import read_reruns
+
+    spec = load_sweep_spec(write_spec(tmp_path, fmnist_tiny_paths, name="tie", epochs=3))
+    trial = tmp_path / "confirm" / "trial_x_00000"
+    (trial / "checkpoint_000002").mkdir(parents=True)  # epochs 1 and 2 were superseded and deleted
+    point = {"cmx_confirm": {"of": "abc", "seed": 1, "config": {}}}
+    (trial / "params.json").write_text(json.dumps(point))
+    rows = [
+        {M.EPOCH: e, "checkpoint_dir_name": f"checkpoint_{e - 1:06d}", M.VAL_TOP1: v}
+        for e, v in ((1, 10.0), (2, 12.5), (3, 12.5))
+    ]
+    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (rerun,) = read_reruns(spec, tmp_path / "confirm")
+    assert (rerun.of, rerun.seed, rerun.status, rerun.best_epoch) == ("abc", 1, "completed", 3)
+    assert rerun.values == {M.VAL_TOP1: 12.5} and rerun.checkpoint == str(trial / "checkpoint_000002")
+
+
 # ---------------------------------------------------------------- a real sweep with a confirm stage
 
 
@@ -224,8 +245,8 @@ def test_sweep_with_confirm_retrains_top_k_with_new_seeds_and_picks_by_mean(conf
         assert config["stats"][M.TEST_TOP1]["std"] == pytest.approx(statistics.stdev(values))
     for key, score in tests.items():
         rows = reruns[key]
-        best_epoch = max(rows, key=lambda r: r[M.VAL_TOP1])[M.EPOCH]
-        assert Path(score["checkpoint"]).name == f"checkpoint_{best_epoch - 1:06d}", (key, score)
+        (row,) = [r for r in rows if r["checkpoint_dir_name"] == Path(score["checkpoint"]).name]
+        assert row[M.VAL_TOP1] == max(r[M.VAL_TOP1] for r in rows), (key, score, rows)
         assert score["num_samples"] == 400 and 0 <= score[M.TEST_TOP1] <= 100
     from cmx.tracking.heldout import evaluate_trials_on_test
 
@@ -237,6 +258,10 @@ def test_sweep_with_confirm_retrains_top_k_with_new_seeds_and_picks_by_mean(conf
     assert summary["winner"] == max(means, key=lambda k: means[k])
     assert f"confirmed winner: trial {summary['winner']}" in out.stdout
     assert "mean ± std" in out.stdout
+    # `cmx sweep status` names it too, read from the sweep folder.
+    status = run_cmx("sweep", "status", NAME, "--storage", str(sweep.parent), home=confirmed["tmp"] / "home")
+    assert status.returncode == 0, status.stderr
+    assert f"confirmed winner: trial {summary['winner']}, {M.VAL_TOP1} " in status.stdout, status.stdout
     # The Markdown table beside it names the winner.
     assert f"Confirmed winner of sweep {NAME}: {summary['winner']}" in (sweep / "confirm-summary.md").read_text()
 

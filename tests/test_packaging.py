@@ -79,7 +79,7 @@ def test_non_editable_wheel_contains_the_mapped_packages(tmp_path: Path) -> None
     wheel = next(tmp_path.glob("cmx-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "cmx/cli/main.py" in names and "cmx/core/config.py" in names
-    for sub in ("core", "cli", "sweep", "tracking", "cluster"):
+    for sub in ("core", "cli", "sweep", "confirm", "tracking", "cluster"):
         assert f"cmx/{sub}/__init__.py" in names, sub
     assert any(n.startswith("cmx/models/") for n in names)
     assert any(n.startswith("cmx/pipelines/") for n in names)

@@ -12,6 +12,7 @@ import click
 from cmx.cli.options import address_option, set_option, tracking_uri_option
 from cmx.cli.runs import show_sweep_links
 from cmx.cluster.runtime import local_capacity
+from cmx.confirm.plan import ConfirmSummary, confirm_settings, read_summary
 from cmx.core import metrics as M
 from cmx.core.constraints import violated
 from cmx.core.errors import ConfigError
@@ -19,6 +20,7 @@ from cmx.core.paths import check_dir_target, safe_child, sweeps_dir
 from cmx.core.search_space import preview
 from cmx.core.sweep_spec import (
     MAX_GRID_TRIALS,
+    ConfirmConfig,
     SweepSpec,
     check_constraints_evaluate,
     constraint_config,
@@ -257,7 +259,7 @@ def _run(spec: SweepSpec, source_text: str, address: str | None, fresh: bool) ->
         _confirm(spec, spec.confirm, address, fresh=False)
 
 
-def _confirm(spec: SweepSpec, settings: Any, address: str | None, *, fresh: bool) -> None:
+def _confirm(spec: SweepSpec, settings: ConfirmConfig, address: str | None, *, fresh: bool) -> None:
     """Run (or continue) the confirm stage, show its table; exit 130 when it was cut short."""
     from rich.console import Console
 
@@ -285,7 +287,7 @@ def _confirm(spec: SweepSpec, settings: Any, address: str | None, *, fresh: bool
         sys.exit(130)
 
 
-def show_confirm(summary: Any) -> None:
+def show_confirm(summary: ConfirmSummary) -> None:
     """The confirmed configurations as a table (mean ± std over seeds), then the winner."""
     from rich.console import Console
     from rich.table import Table
@@ -388,8 +390,6 @@ def confirm_command(
 
     Running it again continues the same re-runs (finished ones are not redone).
     """
-    from cmx.confirm.plan import confirm_settings
-
     if storage and is_uri(storage):
         raise ConfigError(
             f"cmx sweep confirm reads a local sweep folder, not {storage}",
@@ -460,6 +460,13 @@ def status_command(name: str, storage: str | None) -> None:
     Console().print(table)
     if not s.complete:
         click.echo(f"resume with: cmx sweep --resume {s.name}")
+    confirmed = read_summary(s.path)
+    win = confirmed.winner_summary() if confirmed else None
+    if confirmed and win:
+        click.echo(
+            f"confirmed winner: trial {win.of}, {confirmed.metric} {win.stats[confirmed.metric].show()} over "
+            f"{win.completed} new seeds (top {confirmed.top_k} re-trained; table: {s.path}/confirm-summary.md)"
+        )
 
 
 @sweep.command("dashboard")

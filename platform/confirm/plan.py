@@ -22,11 +22,10 @@ from cmx.core import metrics
 from cmx.core.config import validate_config
 from cmx.core.errors import ConfigError, DataError
 from cmx.core.files import atomic_write_text, read_json, read_utf8
-from cmx.core.metrics import DIVERGED, REJECTED, TrialStatus, better
+from cmx.core.metrics import DIVERGED, REJECTED, TrialStatus
 from cmx.core.search_space import decode_params
-from cmx.core.sweep_spec import ConfirmConfig, SweepSpec, trial_config
+from cmx.core.sweep_spec import CONFIRM_KEY, ConfirmConfig, SweepSpec, trial_config
 from cmx.sweep.results import status_of, sweep_status
-from cmx.sweep.trial import CONFIRM_KEY
 
 CONFIRM_DIR = "confirm"  # the re-runs' Tune experiment, inside the sweep folder
 PLAN_FILE = "cmx-confirm-plan.json"  # in CONFIRM_DIR: the re-runs it was started with
@@ -197,13 +196,7 @@ def read_reruns(spec: SweepSpec, confirm_path: str | Path) -> list[RerunResult]:
             status=status.tag if status is not None else TrialStatus.PENDING.tag,
             epochs=metrics.epochs_of(last),
         )
-        best: dict[str, Any] | None = None
-        for row in rows:
-            v = row.get(objective.metric)
-            if row.get(REJECTED) or row.get(DIVERGED) or not isinstance(v, (int, float)) or not _finite(v):
-                continue
-            if best is None or better(float(v), float(best[objective.metric]), objective.mode):
-                best = row
+        best = _best_row(rows, objective.metric, objective.mode, trial_dir)
         if best is not None:
             result.best_epoch = metrics.epochs_of(best)
             result.values = {m: float(best[m]) for m in wanted if _finite(best.get(m))}
@@ -217,12 +210,24 @@ def read_reruns(spec: SweepSpec, confirm_path: str | Path) -> list[RerunResult]:
     return out
 
 
-def _checkpoint_of(trial_dir: Path, row: dict[str, Any]) -> str | None:
-    """The checkpoint folder saved with `row` (Tune names it by its 0-based iteration)."""
-    it = row.get("training_iteration")
-    if not isinstance(it, int):
+def _best_row(rows: list[dict[str, Any]], metric: str, mode: str, trial_dir: Path) -> dict[str, Any] | None:
+    """The row with the best `metric`; among equal values the latest whose checkpoint is kept
+    (checkpoint retention keeps one of a tie, the one Tune ranks best)."""
+    scored = [r for r in rows if not (r.get(REJECTED) or r.get(DIVERGED)) and _finite(r.get(metric))]
+    if not scored:
         return None
-    folder = trial_dir / f"checkpoint_{it - 1:06d}"
+    top = (max if mode == "max" else min)(float(r[metric]) for r in scored)
+    ties = [r for r in scored if float(r[metric]) == top]
+    kept = [r for r in ties if _checkpoint_of(trial_dir, r) is not None]
+    return (kept or ties)[-1]
+
+
+def _checkpoint_of(trial_dir: Path, row: dict[str, Any]) -> str | None:
+    """The checkpoint folder Tune saved with `row` (its `checkpoint_dir_name`), if still kept."""
+    name = row.get("checkpoint_dir_name")
+    if not isinstance(name, str) or not name.startswith("checkpoint_") or "/" in name:
+        return None
+    folder = trial_dir / name
     return str(folder) if folder.is_dir() else None
 
 

@@ -35,12 +35,11 @@ from cmx.confirm.tracking import ConfirmTracking, forget_reruns, log_summary
 from cmx.core.errors import ConfigError
 from cmx.core.files import atomic_write_text
 from cmx.core.metrics import TrialStatus
-from cmx.core.sweep_spec import ConfirmConfig, SweepSpec
+from cmx.core.sweep_spec import CONFIRM_KEY, ConfirmConfig, SweepSpec
 from cmx.core.uris import is_uri
 from cmx.sweep.checkpoint_retention import CheckpointRetention
 from cmx.sweep.resources import ResourcePlan, concurrency, plan_resources
 from cmx.sweep.storage import check_trusted, experiment_path, experiment_root, remove_dir
-from cmx.sweep.trial import CONFIRM_KEY
 from cmx.sweep.trial_logs import KeepTrialLogs
 from cmx.sweep.tune_state import StateBackup, repair_torn_state
 from cmx.sweep.tuner import trainable_for

@@ -19,9 +19,8 @@ from cmx.core import metrics as M
 from cmx.core.config import dump_yaml
 from cmx.core.metrics import DIVERGED, REJECTED
 from cmx.core.search_space import decode_params
-from cmx.core.sweep_spec import SweepSpec, trial_config
+from cmx.core.sweep_spec import CONFIRM_KEY, SweepSpec, trial_config
 from cmx.sweep.results import trial_status
-from cmx.sweep.trial import CONFIRM_KEY
 from cmx.tracking import provenance as P
 from cmx.tracking import store as T
 from cmx.tracking.tracker import Tracker

@@ -35,6 +35,9 @@ from cmx.core.uris import check_storage_location, check_tracking_uri, is_uri
 
 MAX_GRID_TRIALS = 100_000  # grid points × num_samples a grid sweep may expand to
 MAX_CONFIRM_RUNS = 100  # full-budget re-runs (top_k × seeds) one confirm stage may ask for
+# A confirm re-run's Tune config (cmx.confirm): {"of": the trial it confirms, "seed": its loop.seed,
+# "config": that trial's own Tune config}; `cmx.sweep.trial.run_trial` trains it at the full budget.
+CONFIRM_KEY = "cmx_confirm"
 
 
 def _range_end(v: Any, *, integer: bool) -> Any:

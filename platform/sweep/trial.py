@@ -17,7 +17,7 @@ from cmx.core import metrics
 from cmx.core.constraints import violated
 from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED, TrialStatus
 from cmx.core.search_space import decode_params
-from cmx.core.sweep_spec import SweepSpec, constraint_config, trial_config
+from cmx.core.sweep_spec import CONFIRM_KEY, SweepSpec, constraint_config, trial_config
 from cmx.models import count_flops, count_params, create_model
 from cmx.models.factory import variant_arguments
 from cmx.pipelines.trainer import train
@@ -29,10 +29,6 @@ def worst_value(metric: str, mode: str) -> float:
         return 0.0
     return 1e9
 
-
-# A confirm re-run's Tune config (cmx.confirm): {"of": the trial it confirms, "seed": its loop.seed,
-# "config": that trial's own Tune config}; trained at the full budget like any trial.
-CONFIRM_KEY = "cmx_confirm"
 
 IMPORTS_DONE = time.perf_counter()  # this module and what it imports (torch, the trainer): see imports_s
 _trials_in_this_process = 0
