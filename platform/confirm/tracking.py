@@ -19,7 +19,7 @@ from cmx.core import metrics as M
 from cmx.core.config import dump_yaml
 from cmx.core.metrics import DIVERGED, REJECTED
 from cmx.core.search_space import decode_params
-from cmx.core.sweep_spec import CONFIRM_KEY, SweepSpec, trial_config
+from cmx.core.sweep_spec import CONFIRM_KEY, SweepSpec, trial_run_config
 from cmx.sweep.results import trial_status
 from cmx.tracking import provenance as P
 from cmx.tracking import store as T
@@ -106,9 +106,7 @@ class ConfirmTracking(tune.Callback):
         point = self._point(trial)
         key = rerun_key(t, point["of"], point["seed"])
         params = decode_params(self.spec, {k: v for k, v in point["config"].items() if k in self.spec.space})
-        cfg = trial_config(self.spec, params)
-        cfg.loop.epochs = self.spec.max_epochs
-        cfg.loop.seed = int(point["seed"])
+        cfg = trial_run_config(self.spec, params, int(point["seed"]))
         tags = {
             **P.environment_tags(),
             **P.config_tags(cfg),

@@ -601,6 +601,19 @@ def trial_config(spec: SweepSpec, params: dict[str, Any]) -> TrainConfig:
     return validate_config(TrainConfig, data, f"trial {params}")
 
 
+def trial_run_config(spec: SweepSpec, params: dict[str, Any], seed: int | None = None) -> TrainConfig:
+    """The config a trial trains with, as its MLflow run logs it: the base with its values, the full
+    epoch budget, a confirm re-run's `seed`, and for a single-process trial the thread count its
+    CPUs give (CPU results depend on it; `cmx train --from-run` needs it)."""
+    cfg = trial_config(spec, params)
+    cfg.loop.epochs = spec.max_epochs
+    if seed is not None:
+        cfg.loop.seed = seed
+    if spec.resources.workers == 1:
+        cfg.loop.threads = max(1, int(spec.resources.cpus))
+    return cfg
+
+
 def is_finite_number(x: Any) -> bool:
     """True for a real, finite float/int."""
     return isinstance(x, (int, float)) and math.isfinite(float(x))

@@ -28,7 +28,7 @@ from cmx.core.files import read_utf8
 from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED, TrialStatus, better
 from cmx.core.paths import cmx_home
 from cmx.core.search_space import decode_params
-from cmx.core.sweep_spec import SweepSpec, trial_config
+from cmx.core.sweep_spec import SweepSpec, trial_run_config
 from cmx.core.uris import is_uri
 from cmx.pipelines.checkpoint import resolve_checkpoint
 from cmx.sweep.results import trial_status  # the one definition of a trial's outcome
@@ -151,11 +151,7 @@ class MLflowTrackingCallback(tune.Callback):
         """The trial's full TrainConfig, as `run_trial` builds it (its logged config.yaml is what
         `cmx train --from-run` re-creates the trial from)."""
 
-        cfg = trial_config(self.spec, self._params(trial))
-        cfg.loop.epochs = self.spec.max_epochs
-        if self.spec.resources.workers == 1:  # CPU results depend on the thread count
-            cfg.loop.threads = max(1, int(self.spec.resources.cpus))
-        return cfg
+        return trial_run_config(self.spec, self._params(trial))
 
     def _guard(self, what: str, fn: Any, *args: Any) -> None:
         """Tracking must never stop a sweep: an unexpected error is logged, the sweep goes on."""

@@ -17,7 +17,7 @@ from cmx.core import metrics
 from cmx.core.constraints import violated
 from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED, TrialStatus
 from cmx.core.search_space import decode_params
-from cmx.core.sweep_spec import CONFIRM_KEY, SweepSpec, constraint_config, trial_config
+from cmx.core.sweep_spec import CONFIRM_KEY, SweepSpec, constraint_config, trial_run_config
 from cmx.models import count_flops, count_params, create_model
 from cmx.models.factory import variant_arguments
 from cmx.pipelines.trainer import train
@@ -54,10 +54,7 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     if rerun is not None:
         config = rerun["config"]
     params = decode_params(spec, {k: v for k, v in config.items() if k in spec.space})
-    cfg = trial_config(spec, params)
-    cfg.loop.epochs = spec.max_epochs
-    if rerun is not None:
-        cfg.loop.seed = int(rerun["seed"])
+    cfg = trial_run_config(spec, params, int(rerun["seed"]) if rerun is not None else None)
     rule = violated(spec.constraints, constraint_config(cfg, spec.constraints, variant_arguments))
     if rule is not None:
         tune.report({**_worst(spec), REJECTED: 1.0, metrics.EPOCH: 0})
@@ -67,10 +64,8 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     # Where the trial ran: shown per epoch so a retried trial's move to another node is visible.
     extra: dict[str, Any] = {**_model_cost(cfg), NODE_ID: ray.get_runtime_context().get_node_id()}
     trial_setup = {f"{metrics.SETUP_PREFIX}imports_s": imports_s, f"{metrics.SETUP_PREFIX}trial_s": 0.0}
-    if spec.resources.workers == 1:
-        threads = max(1, int(spec.resources.cpus))
-        torch.set_num_threads(threads)
-        cfg.loop.threads = threads
+    if cfg.loop.threads is not None and spec.resources.workers == 1:
+        torch.set_num_threads(cfg.loop.threads)
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     checkpoint = tune.get_checkpoint()
     ctx = checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)

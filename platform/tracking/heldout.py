@@ -18,10 +18,7 @@ from cmx.core import metrics as M
 from cmx.core.config import DataConfig, same_data_path
 from cmx.core.errors import ConfigError, DataError
 from cmx.core.uris import is_uri
-from cmx.pipelines.trainer import evaluate
 from cmx.tracking.provenance import data_fingerprint
-from cmx.tracking.query import sweep_trials
-from cmx.tracking.store import TAG_TRIAL, make_client, resolve_uri
 
 log = logging.getLogger("cmx.tracking")
 
@@ -97,6 +94,8 @@ def evaluate_trials_on_test(
         raise DataError(f"data.test_path: {test_path} does not exist", "fix the path, or export the test split")
     scores: dict[str, TestScore] = {}
     for trial_id, checkpoint in checkpoints.items():
+        from cmx.pipelines.trainer import evaluate  # torch and the loaders: only to score
+
         out = evaluate(checkpoint, test_path, batch_size=batch_size, device=device, threads=threads)
         scores[trial_id] = TestScore(
             trial_id=trial_id,
@@ -114,6 +113,9 @@ def evaluate_trials_on_test(
 
 def _log_scores(scores: dict[str, TestScore], test_path: str, uri: str | None, sweep: str) -> dict[str, TestScore]:
     """Log each score to its trial's run; returns the scores with the run ids filled in."""
+    from cmx.tracking.query import sweep_trials  # mlflow: only when there is something to log
+    from cmx.tracking.store import TAG_TRIAL, make_client, resolve_uri
+
     try:
         _, trials = sweep_trials(uri, sweep)
         client = make_client(resolve_uri(uri))

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from cmx.core.config import TrainConfig
 from cmx.core.uris import is_uri
-from cmx.models import count_flops, count_params, create_model
 
 if TYPE_CHECKING:
     pass
@@ -175,6 +174,7 @@ def config_tags(config: TrainConfig) -> dict[str, str]:
 
 def model_cost_params(config: TrainConfig) -> dict[str, str]:
     """Parameter count and forward FLOPs at the train resolution (meta device: no compute)."""
+    from cmx.models import count_flops, count_params, create_model  # torch: only when a cost is wanted
 
     try:
         import torch
