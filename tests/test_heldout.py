@@ -39,7 +39,7 @@ def test_stratified_split_keeps_class_shares_is_seeded_and_disjoint() -> None:
 
 
 def test_val_as_test_is_refused(fmnist_tiny_paths: dict[str, str], tmp_path: Path) -> None:
-    from cmx.tracking.heldout import check_test_apart
+    from cmx.core.config import check_test_apart
 
     val = fmnist_tiny_paths["val_dir"]
     # The same path (also through a symlink): refused by the schema, naming the file and the key.

@@ -14,6 +14,7 @@ from cmx.cli.runs import show_sweep_links
 from cmx.cluster.runtime import local_capacity
 from cmx.confirm.plan import ConfirmSummary, confirm_settings, read_summary
 from cmx.core import metrics as M
+from cmx.core.config import check_test_apart
 from cmx.core.constraints import violated
 from cmx.core.errors import ConfigError
 from cmx.core.paths import check_dir_target, safe_child, sweeps_dir
@@ -111,8 +112,6 @@ def sweep(
 
 def _check_test_apart(spec: SweepSpec, source: str) -> None:
     """Refuse a test split that is the val data (same path or same content) before anything starts."""
-    from cmx.tracking.heldout import check_test_apart
-
     check_test_apart(spec.base.data, f"{source}: base")
 
 

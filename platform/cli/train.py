@@ -13,7 +13,14 @@ import click
 
 from cmx.cli.options import address_option, json_option, set_option, tracking_uri_option
 from cmx.core import metrics as M
-from cmx.core.config import TrainConfig, apply_overrides, load_yaml, resolve_data_paths, validate_config
+from cmx.core.config import (
+    TrainConfig,
+    apply_overrides,
+    check_test_apart,
+    load_yaml,
+    resolve_data_paths,
+    validate_config,
+)
 from cmx.core.errors import ConfigError, TrainingDiverged
 from cmx.core.paths import check_dir_target, runs_dir, safe_child
 from cmx.pipelines.presets import merge
@@ -123,7 +130,6 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
                 f"{run_dir} already holds a run", f"continue it with --resume {run_dir}, or pick another --run-dir"
             )
     from cmx.pipelines.trainer import check_data_paths
-    from cmx.tracking.heldout import check_test_apart
 
     check_data_paths(config.data)  # before the run folder and the MLflow run exist
     check_test_apart(config.data, str(config_path or "--set"))  # test is never the val data

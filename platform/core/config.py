@@ -14,7 +14,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cmx.core.errors import ConfigError
+from cmx.core.errors import ConfigError, DataError
+from cmx.core.files import data_fingerprint
 from cmx.core.metrics import ALL, MODES
 from cmx.core.uris import is_uri
 from cmx.core.yaml_files import YamlRefused, load_yaml_file, yaml_value
@@ -457,3 +458,28 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
 def dump_yaml(config: BaseModel) -> str:
     """The resolved config as YAML (every field, defaults included)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def check_test_apart(data: DataConfig, source: str, *, must_exist: bool = False) -> None:
+    """ConfigError when `data.test_path` is the val data: the same path, or the same content
+    (`data_fingerprint`: a copy of the val `.beton` or folder). Cheap: reads at most 2 MiB each.
+    `must_exist`: a local test path that is missing is a DataError too (a sweep reads it at its end)."""
+    test, val = data.test_path, data.val_path
+    if test and must_exist and not is_uri(test) and not Path(test).expanduser().exists():
+        raise DataError(
+            f"{source}: data.test_path {test} does not exist",
+            "export it (cmx data builtin fashion-mnist writes test/ and test.beton) or drop data.test_path",
+        )
+    if not test or not val:
+        return
+    hint = "give data.test_path the held-out test split, not a copy of data.val_path"
+    if same_data_path(test, val):
+        raise ConfigError(f"{source}: data.test_path {test} is data.val_path: the search would select on test", hint)
+    if is_uri(test) or is_uri(val):
+        return
+    a, b = data_fingerprint(val), data_fingerprint(test)
+    if a not in ("missing", "unavailable") and a == b:
+        raise ConfigError(
+            f"{source}: data.test_path {test} holds the same data as data.val_path {val} ({a})",
+            hint,
+        )

@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from cmx.cluster.ray_compat import optuna_search_study, optuna_search_trials, replace_restored_callbacks
 from cmx.cluster.runtime import NodeCapacity, alive_nodes, init_ray, local_capacity
 from cmx.core import metrics
+from cmx.core.config import check_test_apart
 from cmx.core.errors import ConfigError
 from cmx.core.metrics import DIVERGED, REJECTED, TrialStatus
 from cmx.core.search_space import encode_params, make_sampler, optuna_space
@@ -50,7 +51,7 @@ from cmx.sweep.study import STATUS_ATTR, TRIAL_ID_ATTR, create_study, new_study_
 from cmx.sweep.trial import run_trial
 from cmx.sweep.trial_logs import KeepTrialLogs
 from cmx.sweep.tune_state import StateBackup, repair_torn_state
-from cmx.tracking.heldout import TestScore, check_test_apart, evaluate_trials_on_test
+from cmx.tracking.heldout import TestScore, evaluate_trials_on_test
 
 log = logging.getLogger("cmx.sweep")
 

@@ -1,7 +1,8 @@
 """The held-out test split: kept apart from val, and measured once per chosen finished trial.
 
 A sweep's searcher and scheduler only ever see `val/` metrics (the trainer builds loaders on
-`data.train_path` and `data.val_path` alone). After the sweep, `evaluate_trials_on_test` runs the
+`data.train_path` and `data.val_path` alone; `cmx.core.config.check_test_apart` refuses a test
+split that is the val data). After the sweep, `evaluate_trials_on_test` runs the
 chosen trials' best checkpoints on `data.test_path` and logs `test/top1`, `test/top5`, `test/loss`
 to each trial's (finished) MLflow run.
 """
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Literal
 
 from cmx.core import metrics as M
-from cmx.core.config import DataConfig, same_data_path
-from cmx.core.errors import ConfigError, DataError
+from cmx.core.errors import DataError
+from cmx.core.files import data_fingerprint
 from cmx.core.uris import is_uri
-from cmx.tracking.provenance import data_fingerprint
+from cmx.pipelines.trainer import evaluate
+from cmx.tracking.query import sweep_trials
+from cmx.tracking.store import TAG_TRIAL, make_client, resolve_uri
 
 log = logging.getLogger("cmx.tracking")
 
@@ -46,31 +49,6 @@ class TestScore:
         return {M.TEST_TOP1: self.top1, M.TEST_TOP5: self.top5, M.TEST_LOSS: self.loss}
 
 
-def check_test_apart(data: DataConfig, source: str, *, must_exist: bool = False) -> None:
-    """ConfigError when `data.test_path` is the val data: the same path, or the same content
-    (`data_fingerprint`: a copy of the val `.beton` or folder). Cheap: reads at most 2 MiB each.
-    `must_exist`: a local test path that is missing is a DataError too (a sweep reads it at its end)."""
-    test, val = data.test_path, data.val_path
-    if test and must_exist and not is_uri(test) and not Path(test).expanduser().exists():
-        raise DataError(
-            f"{source}: data.test_path {test} does not exist",
-            "export it (cmx data builtin fashion-mnist writes test/ and test.beton) or drop data.test_path",
-        )
-    if not test or not val:
-        return
-    hint = "give data.test_path the held-out test split, not a copy of data.val_path"
-    if same_data_path(test, val):
-        raise ConfigError(f"{source}: data.test_path {test} is data.val_path: the search would select on test", hint)
-    if is_uri(test) or is_uri(val):
-        return
-    a, b = data_fingerprint(val), data_fingerprint(test)
-    if a not in ("missing", "unavailable") and a == b:
-        raise ConfigError(
-            f"{source}: data.test_path {test} holds the same data as data.val_path {val} ({a})",
-            hint,
-        )
-
-
 def evaluate_trials_on_test(
     checkpoints: Mapping[str, str | Path],
     test_path: str,
@@ -94,8 +72,6 @@ def evaluate_trials_on_test(
         raise DataError(f"data.test_path: {test_path} does not exist", "fix the path, or export the test split")
     scores: dict[str, TestScore] = {}
     for trial_id, checkpoint in checkpoints.items():
-        from cmx.pipelines.trainer import evaluate  # torch and the loaders: only to score
-
         out = evaluate(checkpoint, test_path, batch_size=batch_size, device=device, threads=threads)
         scores[trial_id] = TestScore(
             trial_id=trial_id,
@@ -113,9 +89,6 @@ def evaluate_trials_on_test(
 
 def _log_scores(scores: dict[str, TestScore], test_path: str, uri: str | None, sweep: str) -> dict[str, TestScore]:
     """Log each score to its trial's run; returns the scores with the run ids filled in."""
-    from cmx.tracking.query import sweep_trials  # mlflow: only when there is something to log
-    from cmx.tracking.store import TAG_TRIAL, make_client, resolve_uri
-
     try:
         _, trials = sweep_trials(uri, sweep)
         client = make_client(resolve_uri(uri))

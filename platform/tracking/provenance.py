@@ -4,7 +4,6 @@ fingerprints and model cost. Never environment variables (they hold secrets)."""
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import logging
 import platform as _platform  # the standard library's (cmx's own package is `cmx`)
@@ -16,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmx.core.config import TrainConfig
+from cmx.core.files import data_fingerprint
 from cmx.core.uris import is_uri
+from cmx.models import count_flops, count_params, create_model
 
 if TYPE_CHECKING:
     pass
@@ -119,45 +120,6 @@ def _user() -> str:
         return "unknown"
 
 
-_FINGERPRINTS: dict[tuple[str, float, int], str] = {}
-_EDGE = 1 << 20  # bytes hashed at each end of a data file
-
-
-def data_fingerprint(path: str | None) -> str:
-    """Size and hash of a dataset's index: a `.beton`'s first and last MiB (header, metadata and
-    allocation table live there) plus its class-names sidecar, or an ImageFolder's sorted file
-    list with sizes. Cheap: reads at most 2 MiB or lists a directory."""
-    if not path or is_uri(path):
-        return "unavailable" if not path else f"remote {path}"
-    p = Path(path).expanduser()
-    if not p.exists():
-        return "missing"
-    st = p.stat()
-    key = (str(p.resolve()), st.st_mtime, st.st_size)
-    if key in _FINGERPRINTS:
-        return _FINGERPRINTS[key]
-    h = hashlib.sha256()
-    if p.is_file():
-        with open(p, "rb") as f:
-            h.update(f.read(_EDGE))
-            if st.st_size > _EDGE:
-                f.seek(max(_EDGE, st.st_size - _EDGE))
-                h.update(f.read(_EDGE))
-        sidecar = p.with_name(p.name + ".json")
-        if sidecar.is_file():
-            h.update(sidecar.read_bytes())
-        text = f"file bytes={st.st_size} sha256={h.hexdigest()[:16]}"
-    else:
-        files = total = 0
-        for item in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
-            size = item.stat().st_size
-            h.update(f"{item.relative_to(p)}\t{size}\n".encode())
-            files, total = files + 1, total + size
-        text = f"folder files={files} bytes={total} sha256={h.hexdigest()[:16]}"
-    _FINGERPRINTS[key] = text
-    return text
-
-
 def config_tags(config: TrainConfig) -> dict[str, str]:
     """Seed, device and data fingerprints of a training config."""
     data = config.data
@@ -174,8 +136,6 @@ def config_tags(config: TrainConfig) -> dict[str, str]:
 
 def model_cost_params(config: TrainConfig) -> dict[str, str]:
     """Parameter count and forward FLOPs at the train resolution (meta device: no compute)."""
-    from cmx.models import count_flops, count_params, create_model  # torch: only when a cost is wanted
-
     try:
         import torch
 

@@ -13,8 +13,9 @@ import yaml
 from cmx.core import metrics as M
 from cmx.core.config import TrainConfig, apply_overrides, load_yaml, set_dotted, validate_config
 from cmx.core.errors import ConfigError, DataError, TrackingError
+from cmx.core.files import data_fingerprint
 from cmx.core.yaml_files import yaml_value
-from cmx.tracking.provenance import data_fingerprint, redact_uri
+from cmx.tracking.provenance import redact_uri
 from cmx.tracking.store import TAG_ROLE, check_tracking_reachable, make_client
 
 TAG_REPRODUCES = "cmx.reproduces"  # on the new run: the id of the run it re-creates
