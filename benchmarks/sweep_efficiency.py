@@ -403,19 +403,27 @@ def print_rank_agreement(console: Console, agreement: dict[str, list[dict[str, f
 STARTUP_ARMS = {
     "before": {"CMX_JIT_CACHE": "0", "CMX_LOADER_REUSE": "0"},
     "after": {"CMX_JIT_CACHE": "1", "CMX_LOADER_REUSE": "1"},
+    # Ray's raylet imports these in every Python worker it starts, before any task or actor arrives
+    # (an experiment: Ray workers that are already warm when a fresh trial's actor lands on them).
+    "preload": {
+        "CMX_JIT_CACHE": "1",
+        "CMX_LOADER_REUSE": "1",
+        "RAY_preload_python_modules": "torch,torch._dynamo,cmx.pipelines.trainer,cmx.sweep.trial",
+    },
 }
 
 
-def overhead(tmp: Path, data: Any, seed: int, console: Console) -> dict[str, Any]:
+def overhead(tmp: Path, data: Any, seed: int, console: Console, arms: list[str]) -> dict[str, Any]:
     """Setup before the first batch, per trial, for each arm: fresh actors, reused ones, resumes."""
     one_lr = {"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}
     common = {"algorithm": "random", "seed": seed, "space": one_lr}
     over: dict[str, Any] = {}
-    for arm, env in STARTUP_ARMS.items():
+    for arm in arms:
+        env = STARTUP_ARMS[arm]
         with environment(**env, NUMBA_CACHE_DIR=str(tmp / f"numba-{arm}")):
-            if arm == "after":
+            if arm != "before":
                 warm = space_file(tmp, data, name="warm-cache", scheduler="none", trials=1, epochs=1, **common)
-                over["after/cold-cache-first-trial"] = run(warm)
+                over[f"{arm}/cold-cache-first-trial"] = run(warm)
             for reuse in (False, True):
                 label = f"{arm}/{'reused' if reuse else 'fresh'} actors"
                 path = space_file(
@@ -487,6 +495,12 @@ def main() -> None:
         "epoch ranks its trials; helps pick a grace period",
     )
     ap.add_argument("--skip-search", action="store_true", help="only the overhead part")
+    ap.add_argument(
+        "--startup-arms",
+        type=lambda v: v.split(","),
+        default=["before", "after"],
+        help=f"arms of the overhead part, comma-separated, from {', '.join(STARTUP_ARMS)}",
+    )
     ap.add_argument("--skip-overhead", action="store_true", help="only the search comparison")
     ap.add_argument(
         "--warm-start",
@@ -532,7 +546,7 @@ def main() -> None:
     if args.warm_start:
         results["warm_start"] = warm_start_comparison(tmp, data, args, console)
     if not args.skip_overhead:
-        results["overhead"] = overhead(tmp, data, args.seed, console)
+        results["overhead"] = overhead(tmp, data, args.seed, console, args.startup_arms)
     out = args.out or RESULTS / "sweep_efficiency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
