@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from cmx.cluster.check import Problem, check_cluster_file
+from cmx.cluster.check import ClusterReport, Problem, check_cluster_file
 from cmx.cluster.tokens import ClusterToken, cluster_token, ensure_cluster_token
 from cmx.core.errors import ConfigError
 from cmx.core.net import free_port
@@ -27,6 +27,21 @@ CLUSTER_FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 @click.group()
 def cluster() -> None:
     """Ray cluster files (cluster/config.yaml for AWS, cluster/local.yaml on-prem)."""
+
+
+def _exit_on_problems(file: Path, report: ClusterReport, *, placeholders: bool, security: bool) -> None:
+    """Print one line per problem (unfilled placeholders and security rules when asked), exit 2 if any."""
+    problems = list(report.problems)
+    if placeholders and report.placeholders:
+        problems.append(Problem("placeholders", f"still to fill: {', '.join(report.placeholders)}",
+                                "replace every <PLACEHOLDER> with your value"))  # fmt: skip
+    if security:
+        problems.extend(report.security)
+    for p in problems:
+        click.secho(f"error: {p.line(str(file))}", err=True, fg="red")
+    if problems:
+        click.echo(f"{file}: {len(problems)} problem(s)", err=True)
+        sys.exit(2)
 
 
 @cluster.command("check")
@@ -42,17 +57,7 @@ def check_command(file: Path, space: Path | None, strict: bool) -> None:
     """Validate FILE with Ray's cluster schema plus cmx's rules; one line per problem, exit 2 if any."""
 
     report = check_cluster_file(file, space)
-    problems = list(report.problems)
-    if strict and report.placeholders:
-        problems.append(Problem("placeholders", f"still to fill: {', '.join(report.placeholders)}",
-                                "replace every <PLACEHOLDER> with your value"))  # fmt: skip
-    if strict:
-        problems.extend(report.security)
-    for p in problems:
-        click.secho(f"error: {p.line(str(file))}", err=True, fg="red")
-    if problems:
-        click.echo(f"{file}: {len(problems)} problem(s)", err=True)
-        sys.exit(2)
+    _exit_on_problems(file, report, placeholders=strict, security=strict)
     click.secho(f"ok: {file} passes Ray's cluster schema and cmx's rules", fg="green")
     for line in report.summary:
         click.echo(f"  {line}")
@@ -91,15 +96,7 @@ def up_command(file: Path, ray_up_args: tuple[str, ...]) -> None:
 
     The token (~/.cmx/clusters/<cluster_name>/ray_auth_token, mode 600) is this cluster's alone;
     FILE's file_mounts ship it to every node. It is never printed. Run from the repo root."""
-    report = check_cluster_file(file)
-    problems = list(report.problems)
-    if report.placeholders:
-        problems.append(Problem("placeholders", f"still to fill: {', '.join(report.placeholders)}",
-                                "replace every <PLACEHOLDER> with your value"))  # fmt: skip
-    for p in problems:
-        click.secho(f"error: {p.line(str(file))}", err=True, fg="red")
-    if problems:
-        sys.exit(2)
+    _exit_on_problems(file, check_cluster_file(file), placeholders=True, security=False)
     token = ensure_cluster_token(file)
     click.echo(f"cluster {token.cluster_name}: Ray token at {token.path} (mode 600)")
     sys.stdout.flush()
