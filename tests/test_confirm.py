@@ -372,7 +372,8 @@ def test_killed_confirm_stage_continues_without_redoing_finished_reruns(confirme
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "continuing the confirm stage" in out.stderr
     after = _reruns(sweep)
-    assert len(after) == 8 and all(len(rows) == 2 for rows in after.values()), after
+    epochs = {key: [row["epoch"] for row in rows] for key, rows in after.items()}
+    assert len(after) == 8 and all(e == [1, 2] for e in epochs.values()), epochs  # one row per epoch
     for key, rows in finished.items():
         assert after[key] == rows, f"{key} was trained again"
     summary = json.loads((sweep / "confirm-summary.json").read_text())
