@@ -158,7 +158,7 @@ def confirmed(tmp_path_factory: pytest.TempPathFactory, fmnist_tiny_paths: dict[
     env = {"CMX_RAY_TMP": ray_tmp}
     try:
         out = run_cmx("sweep", "--space", str(path), home=tmp / "home", env=env, timeout=900)
-        yield {"out": out, "tmp": tmp, "uri": uri, "env": env, "sweep": tmp / "sweeps" / NAME}
+        yield {"out": out, "tmp": tmp, "uri": uri, "env": env, "sweep": tmp / "sweeps" / NAME, "space": path}
     finally:
         kill_ray_started_with(ray_tmp)
 
@@ -319,7 +319,16 @@ def test_confirm_command_on_a_finished_sweep_continues_without_redoing(confirmed
     assert "continuing the confirm stage" in again.stderr
     # Nothing trained or measured on test again: every re-run's files are as they were.
     assert _files(sweep) == before
+    # The whole sweep run again: the search's best is not measured on test again either.
+    kept = {p: p.stat().st_mtime_ns for p in sweep.glob("trial_*/" + M.TEST_SCORE_FILE)}
+    assert len(kept) == 1
+    rerun = run_cmx("sweep", "--space", str(confirmed["space"]), home=home, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in sweep.glob("trial_*/" + M.TEST_SCORE_FILE)} == kept
+    assert _files(sweep) == before
     _, runs = _runs(confirmed["uri"])
+    best_run = next(r for r in runs if M.TEST_TOP1 in r.data.metrics and r.data.tags.get("cmx.role") == "trial")
+    assert len(_client(confirmed["uri"]).get_metric_history(best_run.info.run_id, M.TEST_TOP1)) == 1
     assert len([r for r in runs if r.data.tags.get("cmx.role") == "confirm"]) == 4
     # Another plan on the same folder is refused in one line, before anything runs.
     other = run_cmx("sweep", "confirm", NAME, "--storage", storage, "--seeds", "3", home=home, env=env)

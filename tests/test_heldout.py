@@ -3,6 +3,7 @@ data, and test scores measured after the search and logged to a real MLflow stor
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -120,3 +121,44 @@ def test_evaluate_trials_on_test_logs_to_the_trial_run(fmnist_tiny_export: Any, 
     # No sweep name: evaluated, nothing logged.
     quiet = evaluate_trials_on_test({"t0": result.best_checkpoint}, str(fmnist_tiny_export.test_dir), threads=1)
     assert quiet["t0"].run_id is None and quiet["t0"].top1 == score.top1
+
+
+def test_a_kept_test_score_is_not_measured_or_logged_again(fmnist_tiny_export: Any, tmp_path: Path) -> None:
+    """A finished sweep run again touches the test split no more: the score kept in the trial's folder
+    is reused while the checkpoint and the test data are the same, and measured again when either changes."""
+    from mlflow import MlflowClient
+
+    from cmx.pipelines import trainer as T
+    from cmx.tracking.heldout import evaluate_trials_on_test
+
+    result = T.train(
+        train_config(fmnist_tiny_export, loop={"epochs": 1, "threads": 1}), tmp_path / "run", progress=False
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record_sweep(tmp_path / "state", uri, "ho")
+    folder = tmp_path / "trial_t1"
+    folder.mkdir()
+    test_dir = tmp_path / "test"
+    shutil.copytree(fmnist_tiny_export.test_dir, test_dir)
+
+    def measure(checkpoint: Any) -> Any:
+        return evaluate_trials_on_test(
+            {"t1": checkpoint}, str(test_dir), tracking_uri=uri, sweep="ho", threads=1, keep_in={"t1": folder}
+        )["t1"]
+
+    first = measure(result.best_checkpoint)
+    kept = folder / M.TEST_SCORE_FILE
+    written = kept.stat().st_mtime_ns
+    assert json.loads(kept.read_text())[M.TEST_TOP1] == first.top1 and first.run_id is not None
+    again = measure(result.best_checkpoint)
+    assert again == first and kept.stat().st_mtime_ns == written  # reused, not written again
+    history = MlflowClient(tracking_uri=uri).get_metric_history(first.run_id, M.TEST_TOP1)
+    assert len(history) == 1  # logged once
+    # Another checkpoint (the trial's best moved): measured again.
+    other = tmp_path / "other-checkpoint.pt"
+    shutil.copyfile(result.best_checkpoint, other)
+    assert measure(other).checkpoint == str(other) and kept.stat().st_mtime_ns != written
+    # Other test data (an image less): measured again, on 199 images.
+    written = kept.stat().st_mtime_ns
+    next(p for p in sorted(test_dir.rglob("*")) if p.is_file()).unlink()
+    assert measure(other).num_samples == 199 and kept.stat().st_mtime_ns != written

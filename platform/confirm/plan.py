@@ -31,7 +31,6 @@ CONFIRM_DIR = "confirm"  # the re-runs' Tune experiment, inside the sweep folder
 PLAN_FILE = "cmx-confirm-plan.json"  # in CONFIRM_DIR: the re-runs it was started with
 SUMMARY_FILE = "confirm-summary.json"  # in the sweep folder
 TABLE_FILE = "confirm-summary.md"
-TEST_FILE = "cmx-test.json"  # in a re-run's folder: its best checkpoint's score on data.test_path
 
 
 @dataclass(frozen=True)
@@ -201,9 +200,12 @@ def read_reruns(spec: SweepSpec, confirm_path: str | Path) -> list[RerunResult]:
             result.best_epoch = metrics.epochs_of(best)
             result.values = {m: float(best[m]) for m in wanted if _finite(best.get(m))}
             result.checkpoint = _checkpoint_of(trial_dir, best)
-        if (trial_dir / TEST_FILE).is_file():
+        if (trial_dir / metrics.TEST_SCORE_FILE).is_file():
             test = read_json(
-                trial_dir / TEST_FILE, what="test score", error=DataError, hint="delete it to measure again"
+                trial_dir / metrics.TEST_SCORE_FILE,
+                what="test score",
+                error=DataError,
+                hint="delete it to measure again",
             )
             result.values.update({m: float(test[m]) for m in metrics.TEST if m in wanted and _finite(test.get(m))})
         out.append(result)

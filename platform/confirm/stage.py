@@ -10,7 +10,6 @@ on the test split (once). The summary is written to the sweep folder and, with t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from cmx.cluster.runtime import NodeCapacity, alive_nodes, init_ray, local_capac
 from cmx.confirm.plan import (
     CONFIRM_DIR,
     PLAN_FILE,
-    TEST_FILE,
     ConfirmSummary,
     plan_reruns,
     plan_text,
@@ -33,7 +31,6 @@ from cmx.confirm.plan import (
 )
 from cmx.confirm.tracking import ConfirmTracking, forget_reruns, log_summary
 from cmx.core.errors import ConfigError
-from cmx.core.files import atomic_write_text
 from cmx.core.metrics import TrialStatus
 from cmx.core.sweep_spec import CONFIRM_KEY, ConfirmConfig, SweepSpec
 from cmx.core.uris import is_uri
@@ -99,18 +96,17 @@ def run_confirm(
 
 def measure_test(spec: SweepSpec, where: str) -> None:
     """Each completed re-run's best checkpoint on `base.data.test_path`, once: the score is kept in
-    the re-run's folder (TEST_FILE), so a continued stage measures only new re-runs."""
+    the re-run's folder (`metrics.TEST_SCORE_FILE`), so a continued stage measures only new re-runs."""
     test_path = spec.base.data.test_path
     if not test_path:
         return
-    for r in read_reruns(spec, where):
-        done = Path(where) / f"trial_{r.trial_id}" / TEST_FILE
-        if r.status != TrialStatus.COMPLETED.tag or r.checkpoint is None or done.is_file():
-            continue
-        score = evaluate_trials_on_test({r.trial_id: r.checkpoint}, test_path, threads=spec.base.loop.threads)
-        s = score[r.trial_id]
-        record = {**s.metrics(), "checkpoint": s.checkpoint, "num_samples": s.num_samples, "test_path": test_path}
-        atomic_write_text(done, json.dumps(record, indent=1))
+    done = {
+        r.trial_id: r.checkpoint
+        for r in read_reruns(spec, where)
+        if r.status == TrialStatus.COMPLETED.tag and r.checkpoint is not None
+    }
+    folders = {trial_id: Path(where) / f"trial_{trial_id}" for trial_id in done}
+    evaluate_trials_on_test(done, test_path, threads=spec.base.loop.threads, keep_in=folders)
 
 
 def _prepare(spec: SweepSpec, where: str, plan: str, fresh: bool) -> bool:

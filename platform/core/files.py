@@ -110,7 +110,7 @@ def read_json(path: str | Path, *, what: str, error: type[CmxError], hint: str, 
         raise error(f"{Path(path)}: unreadable {what} ({' '.join(str(e).split())[:120]})", hint) from None
 
 
-_FINGERPRINTS: dict[tuple[str, float, int], str] = {}
+_FINGERPRINTS: dict[tuple, str] = {}
 _EDGE = 1 << 20  # bytes hashed at each end of a data file
 
 
@@ -124,7 +124,9 @@ def data_fingerprint(path: str | None) -> str:
     if not p.exists():
         return "missing"
     st = p.stat()
-    key = (str(p.resolve()), st.st_mtime, st.st_size)
+    key: tuple = (str(p.resolve()), st.st_mtime, st.st_size)
+    if p.is_dir():  # a file added or removed changes its class folder's mtime, not the top's
+        key += tuple(sorted((c.name, c.stat().st_mtime) for c in p.iterdir() if c.is_dir()))
     if key in _FINGERPRINTS:
         return _FINGERPRINTS[key]
     h = hashlib.sha256()

@@ -14,6 +14,7 @@ TEST_TOP1 = "test/top1"
 TEST_TOP5 = "test/top5"
 TEST_LOSS = "test/loss"
 TEST = (TEST_LOSS, TEST_TOP1, TEST_TOP5)
+TEST_SCORE_FILE = "cmx-test.json"  # in a trial's folder: its best checkpoint's TEST metrics, kept
 LR = "train/lr"
 IMAGES_PER_SEC = "train/images_per_sec"
 EPOCH_SECONDS = "time/epoch_seconds"

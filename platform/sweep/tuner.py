@@ -205,8 +205,9 @@ def run_sweep(
 
 
 def evaluate_best_on_test(spec: SweepSpec, outcome: SweepOutcome) -> dict[str, TestScore]:
-    """The best trial's best checkpoint on `base.data.test_path`, logged to its MLflow run; {} when
-    the spec has no test split or the best checkpoint is not on local disk."""
+    """The best trial's best checkpoint on `base.data.test_path`, logged to its MLflow run and kept
+    in its folder (a finished sweep run again reuses it); {} when the spec has no test split or the
+    best checkpoint is not on local disk."""
     test_path = spec.base.data.test_path
     if not test_path or outcome.best is None or not outcome.best_checkpoint:
         return {}
@@ -221,6 +222,7 @@ def evaluate_best_on_test(spec: SweepSpec, outcome: SweepOutcome) -> dict[str, T
         tracking_uri=spec.tracking.uri,
         sweep=str(spec.name) if spec.tracking.enabled else None,
         threads=spec.base.loop.threads,
+        keep_in={outcome.best.trial_id: outcome.best.path},
     )
 
 
