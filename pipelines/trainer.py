@@ -101,7 +101,7 @@ Reporter = Callable[[EpochReport], None]
 class TrainResult:
     """How a run ended; `message` is one line for people."""
 
-    status: TrialStatus  # COMPLETED, PATIENCE_STOPPED or DIVERGED
+    status: TrialStatus  # COMPLETED, PATIENCE_STOPPED, DIVERGED or SCHEDULER_STOPPED (stop_after)
     epochs_completed: int
     final_metrics: dict[str, float]
     best_metrics: dict[str, float]
@@ -788,12 +788,14 @@ def train(
     reporter: Reporter | None = None,
     resume_from: Path | None = None,
     progress: bool = True,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train `config` into `run_dir`, calling `reporter` after every epoch on every rank.
 
     `resume_from` is a checkpoint file, a checkpoint directory from an EpochReport, or a run
     directory. A non-finite loss ends the run with status "diverged" (never an exception); the
-    last good checkpoint stays intact.
+    last good checkpoint stays intact. `stop_after` ends the run after that epoch with status
+    "stopped early", as a sweep's scheduler would: the schedule still spans `loop.epochs`.
     """
     run = RunDir(Path(run_dir).expanduser().resolve())
     with _TorchFlags():
@@ -832,7 +834,7 @@ def train(
         if ckpt is not None:
             display.say(f"resumed from epoch {state.epoch} (step {state.step})")
         status, message = _run_epochs(
-            config, rt, run, parts, state, train_loader, val_loader, class_names, reporter, display, clock
+            config, rt, run, parts, state, train_loader, val_loader, class_names, reporter, display, clock, stop_after
         )
         best = run.best_dir / CHECKPOINT_FILE
         result = TrainResult(
@@ -889,11 +891,13 @@ def _run_epochs(
     reporter: Reporter | None,
     display: Display,
     clock: SetupClock | None = None,
+    stop_after: int | None = None,
 ) -> tuple[TrialStatus, str]:
     """The epoch loop: train, validate, record, checkpoint, report, stop early or on divergence."""
     loop, main = config.loop, rt.rank == 0
     steps = len(train_loader)
-    for epoch in range(state.epoch, loop.epochs):
+    end = loop.epochs if stop_after is None else min(loop.epochs, stop_after)
+    for epoch in range(state.epoch, end):
         start = time.perf_counter()
         if rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(rt.device)
@@ -916,7 +920,7 @@ def _run_epochs(
         state.history.append({M.EPOCH: float(state.epoch), **metrics})
         is_best = state.update_best(metrics, loop.early_stop_metric)
         stop = loop.early_stop_patience is not None and state.bad_epochs >= loop.early_stop_patience
-        final = stop or state.epoch == loop.epochs
+        final = stop or state.epoch == end
         write_last = config.checkpoint.every_epoch or final
         write_best = is_best and config.checkpoint.keep_best
         checkpoint_dir = None
@@ -943,6 +947,8 @@ def _run_epochs(
         if state.best_value is not None
         else ""
     )
+    if state.epoch < loop.epochs:  # stop_after: cut as a sweep's scheduler cuts a trial
+        return TrialStatus.SCHEDULER_STOPPED, f"stopped after epoch {state.epoch} of {loop.epochs}, as asked{best}"
     return TrialStatus.COMPLETED, f"completed {state.epoch} epochs{best}"
 
 

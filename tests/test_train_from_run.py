@@ -152,6 +152,50 @@ def test_sweep_trial_reproduced_from_its_run_id(
     assert again.data.params["loop.threads"] == "1"
 
 
+def test_trial_stopped_by_asha_reproduced_where_it_stopped(
+    tmp_path: Path, fmnist_tiny_paths: dict[str, str], ray_local: None
+) -> None:
+    """An FFCV trial that ASHA cut after epoch 1 of 3 is re-created up to epoch 1, its schedule
+    still spanning 3 epochs, and matches exactly; --full-budget trains all 3."""
+    from cmx.core.sweep_spec import load_sweep_spec
+    from cmx.sweep.tuner import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    good = {"model.dim": 16, "optim.lr": 0.02, "model.kernel_size": 3}
+    poor = {"model.dim": 8, "optim.lr": 1e-4, "model.kernel_size": 3}  # barely moves in one epoch
+    path = write_spec(
+        tmp_path, fmnist_tiny_paths, name="cut", epochs=3, samples=2, tracking={"enabled": True, "uri": uri},
+        search={"points_to_evaluate": [good, poor], "max_concurrent": 1},  # poor meets good's rung-1 score
+    )  # fmt: skip
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["loop"]["deterministic"] = True
+    spec["base"]["schedule"] = {"name": "cosine"}  # the lr of epoch 1 depends on the 3-epoch span
+    del spec["base"]["loop"]["threads"]
+    path.write_text(yaml.safe_dump(spec))
+    outcome = run_sweep(load_sweep_spec(path), source_text=path.read_text())
+    assert [t.status for t in outcome.trials] == ["completed", "stopped early"], outcome.trials
+    client = _client(uri)
+    (cut,) = client.search_runs(
+        [client.get_experiment_by_name("cut").experiment_id], filter_string="tags.`cmx.status` = 'stopped_early'"
+    )
+    rid, home = cut.info.run_id, tmp_path / "home"
+    out = _ok(run_cmx("train", "--from-run", rid, "--tracking-uri", uri, "--run-dir", str(tmp_path / "again"),
+                      "--no-progress", home=home))  # fmt: skip
+    assert "stopped by its sweep's scheduler after epoch 1 of 3" in out, out[-3000:]
+    assert f"reproduced exactly run {rid}: all 5 values" in out and "stopped after epoch 1 of 3" in out, out[-3000:]
+    (again,) = client.search_runs(
+        [client.get_experiment_by_name("cmx-train").experiment_id], filter_string=f"tags.`cmx.reproduces` = '{rid}'"
+    )
+    assert _history(client, again.info.run_id) == _history(client, rid)
+    assert again.data.tags["cmx.status"] == "stopped_early" and again.data.params["loop.epochs"] == "3"
+    full = _ok(run_cmx("train", "--from-run", rid, "--full-budget", "--no-tracking", "--tracking-uri", uri,
+                       "--run-dir", str(tmp_path / "full"), "--no-progress", home=home))  # fmt: skip
+    assert f"differs from run {rid}: all 5 values" in full and "only this run has epochs 2, 3" in full, full[-3000:]
+    assert "completed 3 epochs" in full
+    bad = run_cmx("train", "--full-budget", "--no-tracking", home=home, timeout=120)
+    assert bad.returncode == 2 and "--full-budget goes with --from-run" in bad.stderr, bad.stderr
+
+
 def test_unknown_run_and_wrong_role_are_one_line_errors(tmp_path: Path) -> None:
     from cmx.tracking.tracker import Tracker
 

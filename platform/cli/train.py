@@ -62,6 +62,12 @@ from cmx.pipelines.presets import preset as get_preset
     "checked against the fingerprints it logged, its metrics compared at the end.",
 )
 @click.option(
+    "--full-budget",
+    is_flag=True,
+    help="With --from-run of a trial the sweep's scheduler stopped early: train all loop.epochs "
+    "instead of stopping after the epoch where it stopped.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=1,
@@ -95,8 +101,8 @@ from cmx.pipelines.presets import preset as get_preset
 @tracking_uri_option("MLflow store (http://server, sqlite:///file.db)  [default: sqlite under $CMX_HOME/mlflow]")
 @click.option("--tracking/--no-tracking", default=True, show_default=True, help="Record the run in MLflow.")
 def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ...], run_dir: Path | None,
-          resume_dir: Path | None, from_run: str | None, workers: int, gpus_per_worker: float, cpus_per_worker: float | None,
-          max_failures: int, address: str | None, progress: bool, tracking_uri: str | None,
+          resume_dir: Path | None, from_run: str | None, full_budget: bool, workers: int, gpus_per_worker: float,
+          cpus_per_worker: float | None, max_failures: int, address: str | None, progress: bool, tracking_uri: str | None,
           tracking: bool) -> None:  # fmt: skip
     """Train one model: single process, or data-parallel with --workers N."""
     from rich.console import Console
@@ -104,7 +110,10 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
     console = Console(highlight=False)
     resume_from = None
     source: Any = None  # the run --from-run re-creates
+    stop_after: int | None = None  # its last epoch, when a sweep's scheduler stopped it there
     tags = {"cmx.workers": str(workers)}
+    if full_budget and from_run is None:
+        raise click.UsageError("--full-budget goes with --from-run")
     if resume_dir is not None:
         from cmx.pipelines.checkpoint import resolve_checkpoint
 
@@ -122,6 +131,11 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
             source = _source_run(console, from_run, tracking_uri, overrides, workers)
             config = source.config
             tags["cmx.reproduces"] = source.run_id
+            stop_after = None if full_budget else source.stopped_after
+            if stop_after is not None:
+                console.print(f"run {from_run} was stopped by its sweep's scheduler after epoch {stop_after} of "
+                              f"{config.loop.epochs}: this run stops there too (--full-budget trains all "
+                              f"{config.loop.epochs})", soft_wrap=True)  # fmt: skip
         else:
             config = build_config(config_path, preset, overrides)
         run_dir = run_dir or default_run_dir(config.name, config.output_dir)
@@ -149,6 +163,7 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
             result = run_data_parallel(
                 config, run_dir, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus,
                 resume_from=resume_from, max_failures=max_failures, address=address, progress=progress,
+                stop_after=stop_after,
             )  # fmt: skip
             if result is None:
                 raise ConfigError(f"{run_dir}: the data-parallel run left no result.json", "see the worker logs")
@@ -157,7 +172,9 @@ def train(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
 
             if gpus_per_worker > 0:
                 config.loop.device = "cuda"
-            result = train_fn(config, run_dir, resume_from=resume_from, progress=progress, reporter=reporter)
+            result = train_fn(
+                config, run_dir, resume_from=resume_from, progress=progress, reporter=reporter, stop_after=stop_after
+            )
         comparison = None
         if source is not None and result.status != M.TrialStatus.DIVERGED:
             from cmx.tracking.reproduce import TAG_REPRODUCTION, compare

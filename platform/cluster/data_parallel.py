@@ -72,6 +72,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     rank = ray.train.get_context().get_world_rank()
     kill = _kill_plan(rank)
+    stop_after = loop_config.get("stop_after")
 
     def reporter(report: EpochReport) -> None:
         checkpoint = None
@@ -89,10 +90,17 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None:  # a restarted worker group, or a re-run with the same name/storage
         with resume.as_directory() as d:
-            train(cfg, run_dir, reporter=reporter, resume_from=Path(d), progress=False)
+            train(cfg, run_dir, reporter=reporter, resume_from=Path(d), progress=False, stop_after=stop_after)
         return
     start = loop_config.get("resume_from")
-    train(cfg, run_dir, reporter=reporter, resume_from=Path(start) if start else None, progress=False)
+    train(
+        cfg,
+        run_dir,
+        reporter=reporter,
+        resume_from=Path(start) if start else None,
+        progress=False,
+        stop_after=stop_after,
+    )
 
 
 def _kill_plan(rank: int) -> tuple[int, Path] | None:
@@ -115,8 +123,10 @@ def run_data_parallel(
     max_failures: int = 2,
     address: str | None = None,
     progress: bool = False,
+    stop_after: int | None = None,
 ) -> Any:
     """Train on `workers` Ray Train workers; returns the run's TrainResult (None if it left none).
+    `stop_after` ends it after that epoch, as `trainer.train` does.
 
     Standalone, a local Ray is started (and stopped) unless Ray is already initialised or
     `address` names a cluster. `progress=True` prints the per-epoch lines from rank 0's log.
@@ -155,6 +165,7 @@ def run_data_parallel(
             "config": cfg.model_dump(mode="json"),
             "run_dir": str(run_dir),
             "resume_from": str(resume_from) if resume_from else None,
+            "stop_after": stop_after,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources

@@ -16,7 +16,7 @@ from cmx.core.errors import ConfigError, DataError, TrackingError
 from cmx.core.files import data_fingerprint
 from cmx.core.yaml_files import yaml_value
 from cmx.tracking.provenance import redact_uri
-from cmx.tracking.store import TAG_ROLE, check_tracking_reachable, make_client
+from cmx.tracking.store import TAG_ROLE, TAG_STATUS, check_tracking_reachable, make_client
 
 TAG_REPRODUCES = "cmx.reproduces"  # on the new run: the id of the run it re-creates
 TAG_REPRODUCTION = "cmx.reproduction"  # on the new run: "exact" or how far its metrics are off
@@ -43,6 +43,14 @@ class SourceRun:
     fingerprints: dict[str, str]  # data split ("train", "val", ...) -> fingerprint the run logged
     history: dict[str, dict[int, float]]  # metric -> epoch -> value, for REPRODUCIBLE metrics
     tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stopped_after(self) -> int | None:
+        """The last epoch of a trial the sweep's scheduler stopped before `loop.epochs`, else None."""
+        if self.tags.get(TAG_STATUS) != M.TrialStatus.SCHEDULER_STOPPED.tag:
+            return None
+        last = max((e for values in self.history.values() for e in values), default=0)
+        return last if 0 < last < self.config.loop.epochs else None
 
 
 @dataclass

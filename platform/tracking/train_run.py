@@ -108,7 +108,9 @@ def _finish(reporter: TrainReporter, run_dir: Path) -> None:
     for row in read_metrics(run_dir):
         reporter.log_epoch(int(row[M.EPOCH]), row)
     result = read_result(run_dir)
-    ends = (M.TrialStatus.COMPLETED, M.TrialStatus.PATIENCE_STOPPED, M.TrialStatus.DIVERGED)  # the trainer's own
+    ends = (  # the trainer's own; SCHEDULER_STOPPED when asked to stop after an epoch (stop_after)
+        M.TrialStatus.COMPLETED, M.TrialStatus.PATIENCE_STOPPED, M.TrialStatus.DIVERGED, M.TrialStatus.SCHEDULER_STOPPED,
+    )  # fmt: skip
     status = result.status if result and result.status in ends else M.TrialStatus.FAILED
     tags = {"cmx.message": short(result.message, 500)} if result else {}
     if result and result.best_checkpoint:
