@@ -1,8 +1,6 @@
 """`cmx train --workers 2`: the same loop under Ray Train's TorchTrainer (gloo on CPU, a sharded
-loader, DDP), and a worker killed mid-run that the restarted group resumes exactly.
-
-The torchvision loader keeps it quick (FFCV's JIT would run again in each of the two workers after
-the restart); FFCV's sharding is tested on real gloo processes in test_data_distributed.py."""
+loader, DDP), and a worker killed mid-run that the restarted group resumes exactly, on both loader
+backends (FFCV's sharding alone is tested on real gloo processes in test_data_distributed.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +20,11 @@ from cmx.pipelines.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 
-def _run_yaml(export, tmp_path: Path, epochs: int) -> Path:  # noqa: ANN001
+def _run_yaml(export, tmp_path: Path, epochs: int, backend: str) -> Path:  # noqa: ANN001
     # batch 10: each rank takes 10 steps per epoch on its half of the 200 training images
     cfg = train_config(
         export,
-        backend="torchvision",
+        backend=backend,
         data={"batch_size": 10, "augment": {"scale": [0.5, 1.0], "random_erasing": 0.25}},
         loop={"epochs": epochs, "seed": 0, "deterministic": True, "mixup": 0.2},
     )
@@ -42,12 +40,13 @@ def _rows(run_dir: Path) -> list[dict]:
 TIMING = (M.IMAGES_PER_SEC, M.EPOCH_SECONDS, M.PEAK_MEMORY_MB)
 
 
-def test_two_cpu_workers_train_and_survive_a_killed_worker(fmnist_tiny_export, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["torchvision", "ffcv"])
+def test_two_cpu_workers_train_and_survive_a_killed_worker(fmnist_tiny_export, tmp_path: Path, backend: str) -> None:
     """One Ray Train run: rank 1 dies after epoch 1; the group restarts and resumes at epoch 2, and
     (deterministic mode) ends with the weights and metrics of the same run left uninterrupted."""
     marker = tmp_path / "killed"
     run_dir = tmp_path / "run"
-    config = str(_run_yaml(fmnist_tiny_export, tmp_path, epochs=3))
+    config = str(_run_yaml(fmnist_tiny_export, tmp_path, epochs=3, backend=backend))
     out = run_cmx("train", "--config", config, "--run-dir", str(run_dir),
                "--workers", "2", "--cpus-per-worker", "1", "--max-failures", "2", "--no-progress",
                env={KILL_ENV: f"1:1:{marker}"}, timeout=600)  # fmt: skip
