@@ -63,6 +63,28 @@ def _copy_data(data: dict[str, str], dest: Path, backend: str) -> dict[str, str]
     return out
 
 
+def _run_deterministic_sweep(path: Path, **base: Any) -> Any:
+    """Run the sweep file `path` with deterministic trials and the `base` sections given; the loop's
+    thread count is left to the trial (it sets it from resources.cpus; its config.yaml must say so)."""
+    from cmx.core.sweep_spec import load_sweep_spec
+    from cmx.sweep.tuner import run_sweep
+
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["loop"]["deterministic"] = True
+    del spec["base"]["loop"]["threads"]
+    spec["base"].update(base)
+    path.write_text(yaml.safe_dump(spec))
+    return run_sweep(load_sweep_spec(path), source_text=path.read_text())
+
+
+def _reproduction_of(client: Any, rid: str) -> Any:
+    """The one `cmx train --from-run` run that re-created run `rid`."""
+    (again,) = client.search_runs(
+        [client.get_experiment_by_name("cmx-train").experiment_id], filter_string=f"tags.`cmx.reproduces` = '{rid}'"
+    )
+    return again
+
+
 @pytest.mark.parametrize("backend", ["torchvision", "ffcv"])
 def test_train_run_reproduced_from_mlflow_alone(
     tmp_path: Path, fmnist_tiny_paths: dict[str, str], backend: str
@@ -120,17 +142,10 @@ def test_train_run_reproduced_from_mlflow_alone(
 def test_sweep_trial_reproduced_from_its_run_id(
     tmp_path: Path, fmnist_tiny_paths: dict[str, str], ray_local: None
 ) -> None:
-    from cmx.core.sweep_spec import load_sweep_spec
-    from cmx.sweep.tuner import run_sweep
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = write_spec(tmp_path, fmnist_tiny_paths, name="repro", epochs=2, samples=1, backend="torchvision",
                       tracking={"enabled": True, "uri": uri})  # fmt: skip
-    spec = yaml.safe_load(path.read_text())
-    spec["base"]["loop"]["deterministic"] = True
-    del spec["base"]["loop"]["threads"]  # the trial sets it from resources.cpus; its config.yaml must say so
-    path.write_text(yaml.safe_dump(spec))
-    outcome = run_sweep(load_sweep_spec(path), source_text=path.read_text())
+    outcome = _run_deterministic_sweep(path)
     assert len(outcome.trials) == 1 and not outcome.interrupted
     client = _client(uri)
     (trial,) = client.search_runs(
@@ -141,9 +156,7 @@ def test_sweep_trial_reproduced_from_its_run_id(
                       "--no-progress", home=tmp_path / "home"))  # fmt: skip
     assert f"from run {rid} (trial " in out and "config.yaml artifact" in out, out[-3000:]
     assert f"reproduced exactly run {rid}" in out, out[-3000:]
-    (again,) = client.search_runs(
-        [client.get_experiment_by_name("cmx-train").experiment_id], filter_string=f"tags.`cmx.reproduces` = '{rid}'"
-    )
+    again = _reproduction_of(client, rid)
     want = _history(client, rid)
     assert all(len(v) == 2 for v in want.values()) and _history(client, again.info.run_id) == want
     # The trial's searched values and its thread count are in the re-created config.
@@ -157,9 +170,6 @@ def test_trial_stopped_by_asha_reproduced_where_it_stopped(
 ) -> None:
     """An FFCV trial that ASHA cut after epoch 1 of 3 is re-created up to epoch 1, its schedule
     still spanning 3 epochs, and matches exactly; --full-budget trains all 3."""
-    from cmx.core.sweep_spec import load_sweep_spec
-    from cmx.sweep.tuner import run_sweep
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     good = {"model.dim": 16, "optim.lr": 0.02, "model.kernel_size": 3}
     poor = {"model.dim": 8, "optim.lr": 1e-4, "model.kernel_size": 3}  # barely moves in one epoch
@@ -167,12 +177,7 @@ def test_trial_stopped_by_asha_reproduced_where_it_stopped(
         tmp_path, fmnist_tiny_paths, name="cut", epochs=3, samples=2, tracking={"enabled": True, "uri": uri},
         search={"points_to_evaluate": [good, poor], "max_concurrent": 1},  # poor meets good's rung-1 score
     )  # fmt: skip
-    spec = yaml.safe_load(path.read_text())
-    spec["base"]["loop"]["deterministic"] = True
-    spec["base"]["schedule"] = {"name": "cosine"}  # the lr of epoch 1 depends on the 3-epoch span
-    del spec["base"]["loop"]["threads"]
-    path.write_text(yaml.safe_dump(spec))
-    outcome = run_sweep(load_sweep_spec(path), source_text=path.read_text())
+    outcome = _run_deterministic_sweep(path, schedule={"name": "cosine"})  # epoch 1's lr depends on the span
     assert [t.status for t in outcome.trials] == ["completed", "stopped early"], outcome.trials
     client = _client(uri)
     (cut,) = client.search_runs(
@@ -183,9 +188,7 @@ def test_trial_stopped_by_asha_reproduced_where_it_stopped(
                       "--no-progress", home=home))  # fmt: skip
     assert "stopped by its sweep's scheduler after epoch 1 of 3" in out, out[-3000:]
     assert f"reproduced exactly run {rid}: all 5 values" in out and "stopped after epoch 1 of 3" in out, out[-3000:]
-    (again,) = client.search_runs(
-        [client.get_experiment_by_name("cmx-train").experiment_id], filter_string=f"tags.`cmx.reproduces` = '{rid}'"
-    )
+    again = _reproduction_of(client, rid)
     assert _history(client, again.info.run_id) == _history(client, rid)
     assert again.data.tags["cmx.status"] == "stopped_early" and again.data.params["loop.epochs"] == "3"
     full = _ok(run_cmx("train", "--from-run", rid, "--full-budget", "--no-tracking", "--tracking-uri", uri,

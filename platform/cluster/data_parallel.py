@@ -14,6 +14,7 @@ an address is given) and inside a Ray Tune trial function (`inside_tune=True`), 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -72,7 +73,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     rank = ray.train.get_context().get_world_rank()
     kill = _kill_plan(rank)
-    stop_after = loop_config.get("stop_after")
 
     def reporter(report: EpochReport) -> None:
         checkpoint = None
@@ -87,20 +87,16 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             kill[1].write_text(f"rank {rank} killed after epoch {report.epoch}\n")
             os._exit(1)
 
+    run = functools.partial(
+        train, cfg, run_dir, reporter=reporter, progress=False, stop_after=loop_config.get("stop_after")
+    )
     resume = ray.train.get_checkpoint()
     if resume is not None:  # a restarted worker group, or a re-run with the same name/storage
         with resume.as_directory() as d:
-            train(cfg, run_dir, reporter=reporter, resume_from=Path(d), progress=False, stop_after=stop_after)
+            run(resume_from=Path(d))
         return
     start = loop_config.get("resume_from")
-    train(
-        cfg,
-        run_dir,
-        reporter=reporter,
-        resume_from=Path(start) if start else None,
-        progress=False,
-        stop_after=stop_after,
-    )
+    run(resume_from=Path(start) if start else None)
 
 
 def _kill_plan(rank: int) -> tuple[int, Path] | None:
