@@ -211,7 +211,9 @@ def test_data_parallel_trials_pause_and_resume_and_release_cpus(
 
     from cmx.cluster.runtime import init_ray
 
-    init_ray(num_cpus=3)  # 2 workers x 1 CPU plus the trial driver's 0.01 CPU: one trial at a time
+    # 2 workers x 1 CPU plus the trial driver's 0.01 CPU: one trial at a time. No dashboard, so
+    # only cmx's WorkerGroupRelease (not Ray's own cleaner) can give a paused trial's CPUs back.
+    init_ray(num_cpus=3, dashboard=False)
     try:
         path = write_spec(
             tmp_path,

@@ -1,4 +1,5 @@
-"""The embedded local Ray: two cmx processes starting one at the same moment both get a dashboard."""
+"""The embedded local Ray: two cmx processes starting one at the same moment both get a dashboard;
+worker groups left by dead Train controllers are given back."""
 
 from __future__ import annotations
 
@@ -53,3 +54,42 @@ def test_two_local_starts_at_once_both_get_a_dashboard(tmp_path: Path) -> None:
         assert p.returncode == 0, err[-2000:]
     urls = [next(line.split()[1] for line in out.splitlines() if line.startswith("dashboard")) for out, _ in outs]
     assert len(set(urls)) == 2 and all(u.startswith("127.0.0.1:") for u in urls), urls
+
+
+def test_groups_of_dead_creators_are_released_and_live_ones_kept(ray_local: None) -> None:
+    """A killed actor's placement group is removed; a live actor's and the driver's are untouched.
+    No dashboard: the release reads the GCS, unlike Ray's own cleaner."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from cmx.cluster.data_parallel import release_orphaned_worker_groups
+    from cmx.cluster.runtime import init_ray
+
+    init_ray(num_cpus=3, dashboard=False)
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # stands in for a Train controller: it makes its workers' group
+        def make_group(self) -> str:
+            group = placement_group([{"CPU": 1}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    drivers = placement_group([{"CPU": 1}])  # like Tune's trial groups, made by the driver
+    ray.get(drivers.ready())
+    dead, alive = Controller.remote(), Controller.remote()
+    dead_group, alive_group = ray.get([dead.make_group.remote(), alive.make_group.remote()])
+    assert ray.available_resources().get("CPU", 0) == 0
+    assert release_orphaned_worker_groups() == (0, 2)  # nothing to free while both live
+    ray.kill(dead)
+    deadline = time.monotonic() + 30
+    released = release_orphaned_worker_groups()
+    while released.removed == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        released = release_orphaned_worker_groups()
+    assert released == (1, 1)
+    states = {g: placement_group_table()[g]["state"] for g in (dead_group, alive_group, drivers.id.hex())}
+    assert states == {dead_group: "REMOVED", alive_group: "CREATED", drivers.id.hex(): "CREATED"}
+    while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the raylet returns the bundle's CPU a moment after the GCS removes it
+    assert ray.available_resources().get("CPU", 0) == 1
+    assert release_orphaned_worker_groups() == (0, 1)  # a second pass finds nothing more

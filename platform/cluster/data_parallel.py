@@ -20,8 +20,9 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from cmx.cluster.ray_compat import actor_placement_groups
 from cmx.cluster.runtime import init_ray, shutdown_ray
 from cmx.core.config import TrainConfig
 from cmx.core.errors import ClusterError, CmxError, ConfigError
@@ -194,6 +195,35 @@ def run_data_parallel(
         if started:
             shutdown_ray()
     return read_result(run_dir)
+
+
+class ReleasedGroups(NamedTuple):
+    """What one `release_orphaned_worker_groups` pass did."""
+
+    removed: int  # worker groups whose controller had died, now removed
+    in_use: int  # groups whose creating actor is still alive (a running trial's workers)
+
+
+def release_orphaned_worker_groups() -> ReleasedGroups:
+    """Remove this job's worker groups whose Train controller has died.
+
+    Tune stops a data-parallel trial (ASHA, a pause, the sweep's end) by ending its actor, and the
+    Train controller that actor owns dies with it, gracelessly; the workers' placement group stays,
+    holding their CPUs/GPUs, until the whole job ends. Ray's own cleaner asks the dashboard's state
+    API and stops watching when a query fails (a loaded machine): the next trial then waits forever.
+    The sweep driver calls this instead (docs/architecture.md, Ray Train).
+    """
+    import ray
+    from ray.util import remove_placement_group
+
+    removed = in_use = 0
+    for group, creator_dead in actor_placement_groups(ray.get_runtime_context().get_job_id()):
+        if not creator_dead:
+            in_use += 1
+            continue
+        remove_placement_group(group)  # idempotent: Ray's cleaner may have removed it meanwhile
+        removed += 1
+    return ReleasedGroups(removed, in_use)
 
 
 def _explain(error: Exception) -> CmxError:

@@ -8,7 +8,9 @@ Each use is a gap in Ray's public API that cmx needed (docs/architecture.md, Ray
 - a scheduler that must see every result unbuffered (`_supports_buffered_results`);
 - the cluster launcher's `prepare_config` + `validate_config`, what `ray up` runs minus cloud calls;
 - `OptunaSearch`'s study and its map of Tune trial id to Optuna trial, which have no public getter:
-  cmx's searcher records each trial's true end (pruned, failed) in the sweep's study.
+  cmx's searcher records each trial's true end (pruned, failed) in the sweep's study;
+- the GCS placement-group table with each group's creator and whether it died (the public table
+  leaves these out): a stopped data-parallel trial's worker group outlives its dead controller.
 Every entry point checks the installed Ray against `TESTED` first and fails with one line.
 """
 
@@ -100,3 +102,30 @@ def optuna_search_trials(searcher: Any) -> dict[str, Any]:
     check_version()
     trials: dict[str, Any] = searcher._ot_trials  # noqa: SLF001
     return trials
+
+
+def actor_placement_groups(job_id: str) -> list[tuple[Any, bool]]:
+    """This job's live placement groups made by an actor, each with whether that actor has died.
+
+    Detached groups and the driver's own (Tune's trial groups) are left out. Ray frees a group whose
+    creator died only when the job ends too. Read from the GCS, as `ray.util.placement_group_table`
+    does, so no dashboard is needed.
+    """
+    check_version()
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    table = gcs_pb2.PlacementGroupTableData  # type: ignore[attr-defined]  # generated protobuf
+    nil_actor = ray.ActorID.nil().binary()
+    job = bytes.fromhex(job_id)
+    found = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():  # noqa: SLF001
+        data = table.FromString(raw)
+        if data.is_detached or data.state == table.REMOVED or data.creator_job_id != job:
+            continue
+        if data.creator_actor_id in (b"", nil_actor):
+            continue
+        found.append((PlacementGroup(ray.PlacementGroupID(data.placement_group_id)), data.creator_actor_dead))
+    return found

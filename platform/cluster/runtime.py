@@ -61,8 +61,8 @@ def init_ray(
 ) -> None:
     """Start an embedded local Ray (address None) or join a running cluster (`auto`, `HOST:PORT`).
 
-    The dashboard agent is needed: without it Ray cannot reclaim the CPUs of a data-parallel trial
-    that ASHA stopped, and the sweep stalls (docs/architecture.md, Ray Train).
+    The dashboard (on by default) serves Ray's state API and job submission; a sweep runs without
+    it (`WorkerGroupRelease` frees stopped data-parallel trials' workers; docs/architecture.md, Ray Train).
     """
     import ray
 
@@ -108,7 +108,7 @@ def dashboard_port(host: str = "127.0.0.1") -> int:
     """Ray's default dashboard port if nothing holds it, else a free port the OS picks.
 
     Ray gives up on its dashboard when the port is taken (a second local sweep on one machine),
-    and without the dashboard agent stopped data-parallel trials never return their CPUs.
+    and with it on the state API that `cmx sweep` status and Ray's own cleaners use.
     """
     try:
         return free_port(host, preferred=DASHBOARD_PORT)

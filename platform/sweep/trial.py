@@ -2,6 +2,7 @@
 
 The trial function builds the trial's TrainConfig from the sampled values, trains with
 `cmx.pipelines.trainer.train` (or Ray Train for data-parallel trials) and reports every epoch.
+`WorkerGroupRelease`, on the driver, frees the workers of data-parallel trials Tune stopped.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+
 import cmx.sweep as sweep_package
-from cmx.cluster.data_parallel import run_data_parallel
+from cmx.cluster.data_parallel import release_orphaned_worker_groups, run_data_parallel
 from cmx.core import metrics
 from cmx.core.constraints import violated
 from cmx.core.metrics import DIVERGED, NODE_ID, REJECTED, TrialStatus
@@ -47,7 +50,6 @@ def run_trial(config: dict[str, Any], spec_json: dict[str, Any]) -> None:
     imports_s = _import_seconds()
     entered = time.perf_counter()
     import torch
-    from ray import tune
 
     spec = SweepSpec.model_validate(spec_json)
     rerun = config.get(CONFIRM_KEY)
@@ -112,3 +114,28 @@ def _model_cost(cfg: Any) -> dict[str, float]:
         metrics.PARAMS_M: count_params(model) / 1e6,
         metrics.GFLOPS: count_flops(model, (3, res, res)) / 1e9,
     }
+
+
+class WorkerGroupRelease(tune.Callback):
+    """Frees the workers' CPUs/GPUs of each data-parallel trial Tune stops, while the sweep runs.
+
+    A stopped trial's Train controller dies with its actor and leaves its worker group's placement
+    group held (`release_orphaned_worker_groups`); without this the next trial waits forever.
+    """
+
+    def __init__(self, every_s: float = 1.0, settle_s: float = 10.0) -> None:
+        self.every_s = every_s  # how often the driver looks (one GCS read)
+        self.settle_s = settle_s  # at the end: how long controllers may take to die with their trials
+        self._next = 0.0
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.every_s
+            release_orphaned_worker_groups()
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        # Tune has stopped every trial actor; their controllers die a moment later.
+        deadline = time.monotonic() + self.settle_s
+        while release_orphaned_worker_groups().in_use and time.monotonic() < deadline:
+            time.sleep(0.2)

@@ -48,7 +48,7 @@ from cmx.sweep.storage import (
     write_text,
 )
 from cmx.sweep.study import STATUS_ATTR, TRIAL_ID_ATTR, create_study, new_study_storage, warm_start
-from cmx.sweep.trial import run_trial
+from cmx.sweep.trial import WorkerGroupRelease, run_trial
 from cmx.sweep.trial_logs import KeepTrialLogs
 from cmx.sweep.tune_state import StateBackup, repair_torn_state
 from cmx.tracking.heldout import TestScore, evaluate_trials_on_test
@@ -180,6 +180,8 @@ def run_sweep(
         callbacks.append(StateBackup(path))
     init_ray(address)
     plan = plan_resources(spec, alive_nodes())
+    if plan.worker_bundle is not None:
+        callbacks.append(WorkerGroupRelease())
     resumed = _prepare_experiment_dir(spec, path, source_text, fresh)
     trainable = trainable_for(spec, plan)
     if resumed:
