@@ -210,8 +210,9 @@ def release_orphaned_worker_groups() -> ReleasedGroups:
     Tune stops a data-parallel trial (ASHA, a pause, the sweep's end) by ending its actor, and the
     Train controller that actor owns dies with it, gracelessly; the workers' placement group stays,
     holding their CPUs/GPUs, until the whole job ends. Ray's own cleaner asks the dashboard's state
-    API and stops watching when a query fails (a loaded machine): the next trial then waits forever.
-    The sweep driver calls this instead (docs/architecture.md, Ray Train).
+    API, whose client stops at "multiple active Ray instances" when a second Ray runs on the
+    machine: the next trial then waits forever. The sweep driver calls this instead
+    (docs/architecture.md, Ray Train).
     """
     import ray
     from ray.util import remove_placement_group

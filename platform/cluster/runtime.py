@@ -108,7 +108,7 @@ def dashboard_port(host: str = "127.0.0.1") -> int:
     """Ray's default dashboard port if nothing holds it, else a free port the OS picks.
 
     Ray gives up on its dashboard when the port is taken (a second local sweep on one machine),
-    and with it on the state API that `cmx sweep` status and Ray's own cleaners use.
+    and with it on Ray's state API and job submission.
     """
     try:
         return free_port(host, preferred=DASHBOARD_PORT)
