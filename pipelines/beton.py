@@ -470,6 +470,7 @@ def write_beton(
     workers: int | None = None,
     max_sample_bytes: int | None = None,
     stall_timeout: float = 600.0,
+    start_timeout: float = 20.0,
     progress: bool = True,
 ) -> None:
     """Write (uint8 HxWx3 image, label) samples to `out` with FFCV; a worker failure raises `DataError`.
@@ -498,7 +499,7 @@ def write_beton(
         "label": IntField(),
     }
     writer = writer_cls(str(out), fields, page_size=page_size, num_workers=workers)
-    writer.stall_timeout = stall_timeout
+    writer.stall_timeout, writer.start_timeout = stall_timeout, start_timeout
     chunk = max(1, min(100, len(dataset) // (workers * 4) or 1))
     with _progress(len(dataset), f"write {Path(out).name}", progress) as advance:
         writer.on_progress = advance
@@ -522,7 +523,12 @@ class ConversionReport:
 
 
 def _check_all(paths: list[Path], workers: int, progress: bool) -> list[ImageCheck]:
-    """Decode every file (in `workers` processes for large folders)."""
+    """Decode every file (in `workers` processes for large folders).
+
+    The workers are spawned, not forked: a fork of a process with threads (Ray's, gRPC's, torch's,
+    when cmx is used as a library) can leave a child stuck on a lock it copied, which then ignores
+    the pool's SIGTERM and hangs its shutdown. A spawned worker imports only `cmx.pipelines.images`.
+    """
     with _progress(len(paths), "check images", progress) as advance:
         if workers <= 1 or len(paths) < 64:
             results = []
@@ -530,7 +536,7 @@ def _check_all(paths: list[Path], workers: int, progress: bool) -> list[ImageChe
                 results.append(check_image(p))
                 advance(1)
             return results
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context("spawn").Pool(workers) as pool:
             results = []
             for r in pool.imap(check_image, paths, chunksize=16):
                 results.append(r)

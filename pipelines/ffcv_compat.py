@@ -298,8 +298,12 @@ def guarded_epoch_iterator_class() -> type:
     return GuardedEpochIterator
 
 
-def _guarded_worker(errors: Any, work_fn: Callable[..., None], *args: Any) -> None:
-    """Run one FFCV writer worker; an exception is reported to the parent instead of hanging it."""
+def _guarded_worker(errors: Any, started: Any, slot: int, work_fn: Callable[..., None], *args: Any) -> None:
+    """Run one FFCV writer worker; an exception is reported to the parent instead of hanging it.
+
+    `started[slot]` is set first: a fork that never gets this far is replaced by the parent.
+    """
+    started[slot] = True
     try:
         work_fn(*args)
     except BaseException as e:  # the parent must hear about every way a worker stops
@@ -334,6 +338,7 @@ def watched_writer_class() -> type:
 
     class WatchedWriter(DatasetWriter):
         stall_timeout: float = 600.0
+        start_timeout: float = 20.0
         on_progress: Callable[[int], None] = staticmethod(lambda n: None)
 
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
@@ -360,12 +365,16 @@ def watched_writer_class() -> type:
                     allocations_queue,
                     *extra_worker_args,
                 )
-                procs = [
-                    ctx.Process(target=_guarded_worker, args=(errors, work_fn, *worker_args), daemon=True)
-                    for _ in range(self.num_workers)
-                ]
-                for p in procs:
-                    p.start()
+                started = ctx.RawArray(ctypes.c_bool, self.num_workers)
+
+                def start(slot: int) -> Any:
+                    args = (errors, started, slot, work_fn, *worker_args)
+                    proc = ctx.Process(target=_guarded_worker, args=args, daemon=True)
+                    proc.start()
+                    return proc
+
+                procs = [start(slot) for slot in range(self.num_workers)]
+                self._replace_unstarted(procs, started, start)
                 self._watch(procs, errors, done_number, num_samples)
                 allocations: list[Any] = []
                 while len(allocations) < len(procs):
@@ -383,6 +392,26 @@ def watched_writer_class() -> type:
                         p.join(timeout=5)
                 self.metadata_sm.close()
                 self.metadata_sm.unlink()
+
+        def _replace_unstarted(self, procs: list[Any], started: Any, start: Callable[[int], Any]) -> None:
+            """Replace, in place, each worker that has not reached its first line `start_timeout`
+            after the fork: a fork of a threaded parent (an in-process Ray, gRPC) can stick on a
+            lock it copied before touching any queue, and would otherwise be waited for for ever."""
+            for _attempt in range(3):
+                deadline = time.monotonic() + self.start_timeout
+                while not all(started) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                stuck = [slot for slot in range(len(procs)) if not started[slot]]
+                if not stuck:
+                    return
+                for slot in stuck:
+                    procs[slot].kill()
+                    procs[slot].join(timeout=5)
+                    procs[slot] = start(slot)
+            raise DataError(
+                f"{self.fname}: FFCV writer processes did not start within {self.start_timeout:.0f} s",
+                "convert in a fresh process (`cmx data convert`)",
+            )
 
         def _check_workers(self, procs: list[Any], errors: Any, finished: bool) -> None:
             dead = [p for p in procs if p.exitcode not in (None, 0)]

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +166,71 @@ def test_writer_failure_is_an_error_within_seconds(tmp_path: Path, bad: str, mes
     with pytest.raises(DataError, match=f"FFCV writer failed: .*{message}"):
         write_beton(out, _Samples(bad), workers=2, write_mode="raw", progress=False)
     assert time.monotonic() - start < 20
+
+
+class _ForkTrap:
+    """The first child forked while armed blocks in C on a mutex its parent held at the fork: the
+    real failure of forking a threaded process (a child stuck on a copied native lock), made certain.
+    Stuck in C, the child runs no Python signal handler: a SIGTERM handler it inherited (Ray's
+    driver installs one) makes it deaf to SIGTERM, which is how a forked pool's shutdown hung in CI."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL(None)
+        self.mutex = ctypes.create_string_buffer(64)  # all zeros: PTHREAD_MUTEX_INITIALIZER (glibc)
+        self.armed = False
+        os.register_at_fork(after_in_child=self._in_child, after_in_parent=self._in_parent)
+
+    def _in_child(self) -> None:
+        if self.armed:
+            self.libc.pthread_mutex_lock(self.mutex)  # held by the parent's thread: blocks for ever
+
+    def _in_parent(self) -> None:
+        self.armed = False  # one stuck child per arming
+
+    @contextlib.contextmanager
+    def armed_once(self) -> Iterator[None]:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))  # as Ray's driver
+        self.libc.pthread_mutex_lock(self.mutex)
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+            self.libc.pthread_mutex_unlock(self.mutex)
+            signal.signal(signal.SIGTERM, previous)
+
+
+_FORK_TRAP = _ForkTrap()
+
+
+def test_image_check_does_not_fork(tmp_path: Path) -> None:
+    """The check pool spawns its workers: a stuck fork would hang the pool's shutdown for ever."""
+    from PIL import Image
+
+    from cmx.pipelines.beton import _check_all
+
+    paths = []
+    for i in range(80):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(paths[-1])
+    start = time.monotonic()
+    with _FORK_TRAP.armed_once():
+        checks = _check_all(paths, 2, progress=False)
+    assert [c.ok for c in checks] == [True] * 80
+    assert time.monotonic() - start < 30
+
+
+def test_a_writer_process_stuck_at_the_fork_is_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "w.beton"
+    start = time.monotonic()
+    with _FORK_TRAP.armed_once():
+        write_beton(out, _Samples("none"), workers=2, write_mode="raw", start_timeout=2, progress=False)
+    assert time.monotonic() - start < 30
+    bf = read_beton(out)
+    assert bf.field_values("label").tolist() == [i % 2 for i in range(8)]
+    mm = np.memmap(out, dtype=np.uint8, mode="r")
+    firsts = [int(mm[int(rec["data_ptr"])]) for rec in bf.field_values("image")]
+    assert firsts == [10 * i for i in range(8)]  # every sample written once, by the worker that started
 
 
 def test_convert_writer_failure_leaves_no_partial_file(tmp_path: Path) -> None:

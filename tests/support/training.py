@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,11 @@ def export_cached(limit_per_class: int) -> Any:
     if not (final / "train.beton").is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = CACHE / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        export_fashion_mnist(tmp, limit_per_class=limit_per_class, progress=False)
+        # In a fresh process: FFCV's writer forks, and this one may hold an in-process Ray's
+        # threads (a fork of a threaded process can leave a child stuck on a copied lock).
+        code = "import sys; from cmx.pipelines.fashion_mnist import export_fashion_mnist as e; "
+        code += "e(sys.argv[1], limit_per_class=int(sys.argv[2]), progress=False)"
+        subprocess.run([sys.executable, "-c", code, str(tmp), str(limit_per_class)], check=True)
         try:
             tmp.rename(final)
         except OSError:
