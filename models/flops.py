@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from cmx.models.convmixer import ConvMixer
 from cmx.models.factory import create_model
@@ -68,6 +67,8 @@ def count_flops(
 
 def traced_flops(model: nn.Module, input_size: InputSize | None, default: int, batch_size: int = 1) -> int:
     """FLOPs counted by torch's FlopCounterMode over one forward pass (on the meta device for a ConvMixer)."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton (0.15 s): only when tracing
+
     if isinstance(model, ConvMixer):
         with torch.device("meta"):
             model = ConvMixer(**model.arch_config)

@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -84,6 +85,7 @@ class EpochReport:
 class SetupClock:
     """Seconds a run (or a resume) spent before training, by phase: where a cold start goes."""
 
+    runtime: float = 0.0  # device, threads, determinism flags (`setup_runtime`)
     restore: float = 0.0  # reading the checkpoint to resume from
     loaders: float = 0.0  # building the train and val loaders
     model: float = 0.0  # model, optimizer, schedule (and restoring their state)
@@ -190,7 +192,7 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     if loop.deterministic:
         # cuBLAS needs this workspace setting to be deterministic (CUDA docs, "Reproducibility").
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        deterministic_algorithms(True, compiling=loop.compile)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
@@ -198,6 +200,20 @@ def setup_runtime(config: TrainConfig) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     return Runtime(device, threads, amp, dist.rank(), dist.world_size())
+
+
+def deterministic_algorithms(mode: bool, *, compiling: bool = False) -> None:
+    """`torch.use_deterministic_algorithms(mode)`, without its import of `torch._inductor` (and
+    with it `torch._dynamo`: 1.4-1.6 s in a fresh process) when nothing is compiled.
+
+    The public call sets two flags: the ATen one every eager op reads, and inductor's
+    `deterministic`, which only `torch.compile` reads; so the public call is made whenever a
+    model is compiled here or inductor is already loaded (docs/architecture.md, torch).
+    """
+    if compiling or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -224,7 +240,7 @@ class _TorchFlags:
     def __exit__(self, *exc: object) -> None:
         threads, det, cudnn_det, bench = self.saved
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(det)
+        deterministic_algorithms(det)
         torch.backends.cudnn.deterministic = cudnn_det
         torch.backends.cudnn.benchmark = bench
 
@@ -799,9 +815,11 @@ def train(
     """
     run = RunDir(Path(run_dir).expanduser().resolve())
     with _TorchFlags():
+        tick = time.perf_counter()
         rt = setup_runtime(config)
         main = rt.rank == 0
-        clock, tick = SetupClock(), time.perf_counter()
+        clock = SetupClock(runtime=time.perf_counter() - tick)
+        tick = time.perf_counter()
         ckpt = load_checkpoint(resolve_checkpoint(resume_from)) if resume_from is not None else None
         clock.restore, tick = time.perf_counter() - tick, time.perf_counter()
         seed_everything(config.loop.seed + rt.rank)

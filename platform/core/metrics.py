@@ -22,7 +22,7 @@ EPOCH_SECONDS = "time/epoch_seconds"
 SETUP_PREFIX = "time/setup/"
 SETUP_SECONDS = "time/setup_seconds"  # their sum: trial start to the first batch
 # imports and trial: the sweep trial (cmx.sweep.trial); the rest: the trainer (cmx.pipelines.trainer.SetupClock)
-SETUP_PHASES = ("imports", "trial", "restore", "loaders", "model", "first_batch")
+SETUP_PHASES = ("imports", "trial", "runtime", "restore", "loaders", "model", "first_batch")
 PEAK_MEMORY_MB = "system/peak_memory_mb"
 EPOCH = "epoch"
 
