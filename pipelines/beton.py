@@ -571,7 +571,9 @@ def convert_image_folder(
     """ImageFolder -> `.beton` + sidecar: check and convert every image, write under a watchdog, rename.
 
     Unreadable files are skipped and listed (`strict=True` makes them an error). Nothing named
-    `out` exists until the file is complete. `carve` ("train" or "val", a `stratified_split` of
+    `out` exists until the file is complete. Folders of 64+ images are checked in spawned
+    processes: a script calling this needs `if __name__ == "__main__":`, as multiprocessing's
+    spawn requires (the `cmx` command has it). `carve` ("train" or "val", a `stratified_split` of
     the folder's samples) converts only that role's images (`scan`: the folder already scanned).
     """
     start = time.perf_counter()
