@@ -16,7 +16,6 @@ import math
 import os
 import resource
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -192,7 +191,7 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     if loop.deterministic:
         # cuBLAS needs this workspace setting to be deterministic (CUDA docs, "Reproducibility").
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        deterministic_algorithms(True, compiling=loop.compile)
+        torch.use_deterministic_algorithms(True)  # imports torch._dynamo: counted as `runtime`
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
@@ -200,20 +199,6 @@ def setup_runtime(config: TrainConfig) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     return Runtime(device, threads, amp, dist.rank(), dist.world_size())
-
-
-def deterministic_algorithms(mode: bool, *, compiling: bool = False) -> None:
-    """`torch.use_deterministic_algorithms(mode)`, without its import of `torch._inductor` (and
-    with it `torch._dynamo`: 1.4-1.6 s in a fresh process) when nothing is compiled.
-
-    The public call sets two flags: the ATen one every eager op reads, and inductor's
-    `deterministic`, which only `torch.compile` reads; so the public call is made whenever a
-    model is compiled here or inductor is already loaded (docs/architecture.md, torch).
-    """
-    if compiling or "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(mode)
-    else:
-        torch._C._set_deterministic_algorithms(mode, warn_only=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -240,7 +225,7 @@ class _TorchFlags:
     def __exit__(self, *exc: object) -> None:
         threads, det, cudnn_det, bench = self.saved
         torch.set_num_threads(threads)
-        deterministic_algorithms(det)
+        torch.use_deterministic_algorithms(det)
         torch.backends.cudnn.deterministic = cudnn_det
         torch.backends.cudnn.benchmark = bench
 
