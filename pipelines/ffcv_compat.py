@@ -10,9 +10,7 @@ cmx relies on four private parts of FFCV 1.0.2, each for a trap that otherwise h
   `check_pipeline_order` finds such orders with FFCV's own requirement pass first;
 - `Loader.__iter__`'s internals (traversal order, code generation, epoch counter): `start_epoch`
   starts an epoch with the guarded iterator and without FFCV's torch thread change.
-It also turns on numba's on-disk cache for what FFCV JIT-compiles (`enable_jit_cache`): FFCV
-never asks for it, so every fresh process used to compile for ~4 s at import and ~6-12 s at a
-loader's first batch.
+`ffcv_imported()` turns on numba's on-disk cache for what FFCV compiles first (`ffcv_jit_cache`).
 `ffcv_imported()` checks the installed version against `TESTED` before anything else is used.
 """
 
@@ -24,7 +22,6 @@ import functools
 import importlib
 import logging
 import multiprocessing as mp
-import os
 import queue
 import sys
 import time
@@ -34,18 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from cmx.core.errors import CmxError, ConfigError, DataError
-from cmx.core.paths import jit_cache_dir
+from cmx.core.errors import ConfigError, DataError
 from cmx.core.versions import checked_version
 from cmx.pipelines.ffcv_deterministic import kernels
+from cmx.pipelines.ffcv_jit_cache import enable_jit_cache
 
 log = logging.getLogger(__name__)
 
 # The FFCV releases these internals were read in and tested against (pyproject pins the same range).
 TESTED = ((1, 0, 2), (1, 1, 0))  # [low, high)
-# The numba releases whose dispatcher cache `enable_jit_cache` was read in and tested with.
-NUMBA_TESTED = ((0, 60), (0, 69))
-JIT_CACHE_ENV = "CMX_JIT_CACHE"  # 0/false/off: compile in every process, as FFCV does alone
 
 
 def check_version() -> str:
@@ -72,72 +66,6 @@ def keep_torch_threads() -> Iterator[None]:
     finally:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
-
-
-_jit_cache: Path | None = None
-
-
-def _file_backed(fn: Any) -> bool:
-    """Whether numba can key a cache entry on `fn`'s source file (not code made by `exec`)."""
-    code = getattr(fn, "__code__", None)
-    return code is not None and Path(code.co_filename).is_file()
-
-
-def enable_jit_cache() -> Path | None:
-    """Keep what FFCV compiles in numba's on-disk cache (`jit_cache_dir()`); call before `import ffcv`.
-
-    Two things are compiled in every fresh process: numba's typed dict, which `ffcv.fields.rgb_image`
-    fills at import, and each op of a pipeline at a loader's first batch (`Compiler.compile`). Both
-    get numba's cache: the entries are keyed by source, closure values and argument types, so a
-    pipeline with other sizes or options compiles its own. Ops that call FFCV's C library through
-    ctypes pointers cannot be cached (numba refuses "dynamic globals") and still compile, quietly.
-    Returns the cache folder, or None where it stays off: `CMX_JIT_CACHE=0`, a numba outside the
-    tested range, or a folder that cannot be written.
-    """
-    global _jit_cache
-    if _jit_cache is not None:
-        return _jit_cache
-    if os.environ.get(JIT_CACHE_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
-        return None
-    try:
-        checked_version("numba", "numba", NUMBA_TESTED, CmxError, missing_hint="", install_hint="")
-    except CmxError as e:
-        log.info("numba's cache stays off: %s", e.message)
-        return None
-    import warnings
-
-    import numba.typed.typeddict as typeddict
-    from numba.core import config as numba_config
-    from numba.core.dispatcher import Dispatcher
-    from numba.core.errors import NumbaWarning
-
-    folder = jit_cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        writable = os.access(folder, os.W_OK | os.X_OK)
-    except OSError:
-        writable = False
-    if not writable:
-        log.info("numba's cache stays off: %s is not a writable folder", folder)
-        return None
-    numba_config.CACHE_DIR = str(folder)  # type: ignore[attr-defined]  # read when a cache is made
-    warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
-    for fn in vars(typeddict).values():
-        if isinstance(fn, Dispatcher):
-            fn.enable_caching()
-    from ffcv.pipeline.compiler import Compiler  # imports ffcv: its typed dict now loads from the cache
-
-    compile_uncached = Compiler.compile.__func__
-
-    def compile_cached(cls: type, code: Any, signature: Any = None) -> Any:
-        compiled = compile_uncached(cls, code, signature)
-        if isinstance(compiled, Dispatcher) and signature is None and _file_backed(code):
-            compiled.enable_caching()  # compiled lazily, at the first call: from the cache if there
-        return compiled
-
-    Compiler.compile = classmethod(compile_cached)
-    _jit_cache = folder
-    return folder
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ Each new FFCV Loader JIT-compiles for seconds, so loaders are module-scoped and 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -288,34 +289,59 @@ def test_a_second_loader_of_the_same_pipeline_reuses_the_first(
 
 
 JIT_PROBE = """
-import sys
+import hashlib, sys
 from cmx.pipelines.ffcv_compat import ffcv_imported
 from cmx.pipelines.loaders import build_loader
 from cmx.core.config import DataConfig
 with ffcv_imported():
     import numba.typed.typeddict as td
-loader = build_loader(DataConfig(val_path=sys.argv[1], val_resolution=20, val_batch_size=5, num_workers=1), "val")
-images, _ = next(iter(loader))
-print(sum(td._setitem.stats.cache_hits.values()), tuple(images.shape))
+cfg = DataConfig(train_path=sys.argv[1], val_path=sys.argv[1], resolution=16, val_resolution=20, batch_size=5,
+                 val_batch_size=5, num_workers=1)
+digest = hashlib.sha256()
+for split in ("train", "val"):
+    for images, labels in build_loader(cfg, split, deterministic=True, seed=3):
+        digest.update(images.numpy().tobytes() + labels.numpy().tobytes())
+print(sum(td._setitem.stats.cache_hits.values()), digest.hexdigest())
 """
 
 
+def _jit_probe(beton: Path, cache: Path, **env: str) -> list[str]:
+    return subprocess.run(
+        [sys.executable, "-c", JIT_PROBE, str(beton)],
+        env={**os.environ, "NUMBA_CACHE_DIR": str(cache), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.split()
+
+
 def test_what_ffcv_compiles_is_kept_in_numbas_disk_cache(data, tmp_path: Path) -> None:
-    """A fresh process loads what an earlier one compiled: the typed dict FFCV fills at import and
-    the ops of the pipeline (index files per FFCV module), from `NUMBA_CACHE_DIR`."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    runs = [
-        subprocess.run(
-            [sys.executable, "-c", JIT_PROBE, str(data["clean_jpg"])],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=True,
-        ).stdout.split()  # fmt: skip
-        for _ in range(2)
-    ]
-    assert runs[0][0] == "0" and runs[0][1:] == runs[1][1:]  # the first compiles and saves
-    assert int(runs[1][0]) >= 1  # the second loads
-    indexed = {p.parent.name.split("_")[0] for p in (tmp_path / "numba").rglob("*.nbi")}
-    assert {"typed", "fields", "transforms"} <= indexed, indexed
+    """A fresh process loads what an earlier one compiled, from `NUMBA_CACHE_DIR`: the typed dict
+    FFCV fills at import and every op of the pipeline, the JPEG decoders included (their C calls
+    bound by name). It saves nothing new, and its batches are FFCV's own, bit for bit."""
+    cache = tmp_path / "numba"
+    first = _jit_probe(data["clean_jpg"], cache)
+    saved = sorted(cache.rglob("*.nbc"))
+    second = _jit_probe(data["clean_jpg"], cache)
+    assert first[0] == "0" and int(second[0]) >= 1  # the first compiles and saves, the second loads
+    assert sorted(cache.rglob("*.nbc")) == saved  # every key matched: nothing compiled again
+    names = {p.name.split("-")[0] for p in saved}
+    decoders = {"rgb_image.ResizedCropRGBImageDecoder.generate_code.locals.decode",
+                "ffcv_compat.keyed_crop_decoder_class.locals.KeyedRandomResizedCropDecoder.generate_code.locals.decode",
+                "ffcv_jit_cache._by_name.locals.imdecode", "ffcv_jit_cache._by_name.locals.resize_crop"}  # fmt: skip
+    assert decoders <= names, names
+    ffcv_alone = _jit_probe(data["clean_jpg"], tmp_path / "off", CMX_JIT_CACHE="0")  # ctypes calls
+    assert first[1] == second[1] == ffcv_alone[1]
+
+
+def test_libffcv_is_bound_only_to_the_c_signatures_it_was_written_for(monkeypatch) -> None:  # noqa: ANN001
+    """Another FFCV's C arguments leave its own (uncached) functions in place."""
+    from cmx.pipelines.ffcv_jit_cache import bind_libffcv
+
+    with ffcv_imported():
+        import ffcv.libffcv as libffcv
+    bound = bind_libffcv()
+    assert set(bound) == {libffcv.imdecode, libffcv.resize_crop, libffcv.memcpy}
+    monkeypatch.setattr(libffcv.lib.resize, "argtypes", 12 * [ctypes.c_int64])
+    assert bind_libffcv() == {}
