@@ -256,8 +256,9 @@ def enable_jit_cache() -> Path | None:
     compile_uncached = Compiler.compile.__func__
     by_name = bind_libffcv()
 
-    def compile_cached(cls: type, code: Any, signature: Any = None) -> Any:
-        compiled = compile_uncached(cls, by_name.get(code, code), signature)
+    def compile_cached(cls: Any, code: Any, signature: Any = None) -> Any:  # cls: FFCV's Compiler
+        # Ours only run compiled; with FFCV's compiler off (its debug mode) its own Python runs.
+        compiled = compile_uncached(cls, by_name.get(code, code) if cls.is_enabled else code, signature)
         if isinstance(compiled, Dispatcher) and signature is None and _file_backed(compiled.py_func):
             key = closure_key(compiled)
             if key is not None:  # compiled lazily, at the first call: from the cache if there

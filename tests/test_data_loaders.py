@@ -297,17 +297,19 @@ with ffcv_imported():
     import numba.typed.typeddict as td
 cfg = DataConfig(train_path=sys.argv[1], val_path=sys.argv[1], resolution=16, val_resolution=20, batch_size=5,
                  val_batch_size=5, num_workers=1)
-digest = hashlib.sha256()
-for split in ("train", "val"):
+digests = []
+for split in sys.argv[2].split(","):
+    digest = hashlib.sha256()
     for images, labels in build_loader(cfg, split, deterministic=True, seed=3):
         digest.update(images.numpy().tobytes() + labels.numpy().tobytes())
-print(sum(td._setitem.stats.cache_hits.values()), digest.hexdigest())
+    digests.append(digest.hexdigest())
+print(sum(td._setitem.stats.cache_hits.values()), *digests)
 """
 
 
-def _jit_probe(beton: Path, cache: Path, **env: str) -> list[str]:
+def _jit_probe(beton: Path, cache: Path, splits: str = "train,val", **env: str) -> list[str]:
     return subprocess.run(
-        [sys.executable, "-c", JIT_PROBE, str(beton)],
+        [sys.executable, "-c", JIT_PROBE, str(beton), splits],
         env={**os.environ, "NUMBA_CACHE_DIR": str(cache), **env},
         capture_output=True,
         text=True,
@@ -331,8 +333,9 @@ def test_what_ffcv_compiles_is_kept_in_numbas_disk_cache(data, tmp_path: Path) -
                 "ffcv_compat.keyed_crop_decoder_class.locals.KeyedRandomResizedCropDecoder.generate_code.locals.decode",
                 "ffcv_jit_cache._by_name.locals.imdecode", "ffcv_jit_cache._by_name.locals.resize_crop"}  # fmt: skip
     assert decoders <= names, names
-    ffcv_alone = _jit_probe(data["clean_jpg"], tmp_path / "off", CMX_JIT_CACHE="0")  # ctypes calls
-    assert first[1] == second[1] == ffcv_alone[1]
+    assert first[1:] == second[1:]  # train (cmx's keyed crop decoder), val (FFCV's center crop)
+    ffcv_alone = _jit_probe(data["clean_jpg"], tmp_path / "off", "val", CMX_JIT_CACHE="0")  # ctypes calls
+    assert first[2] == ffcv_alone[1]
 
 
 def test_libffcv_is_bound_only_to_the_c_signatures_it_was_written_for(monkeypatch) -> None:  # noqa: ANN001
@@ -345,3 +348,13 @@ def test_libffcv_is_bound_only_to_the_c_signatures_it_was_written_for(monkeypatc
     assert set(bound) == {libffcv.imdecode, libffcv.resize_crop, libffcv.memcpy}
     monkeypatch.setattr(libffcv.lib.resize, "argtypes", 12 * [ctypes.c_int64])
     assert bind_libffcv() == {}
+
+
+def test_ffcvs_own_functions_run_when_its_compiler_is_off(monkeypatch) -> None:  # noqa: ANN001
+    """FFCV's debug mode (compiler off) runs its Python functions: ours only work compiled."""
+    with ffcv_imported():
+        import ffcv.libffcv as libffcv
+        from ffcv.pipeline.compiler import Compiler
+    assert Compiler.compile(libffcv.imdecode).py_func is not libffcv.imdecode  # by name, compiled
+    monkeypatch.setattr(Compiler, "is_enabled", False)
+    assert Compiler.compile(libffcv.imdecode) is libffcv.imdecode
