@@ -173,6 +173,26 @@ def _expected(sweep: Path, top_k: int) -> list[tuple[str, float, int]]:
     return [(tid, best, 0) for tid, best in trials[:top_k]]  # base.loop.seed 0, not searched
 
 
+def _rerun_ids(sweep: Path) -> dict[tuple[str, int], str]:
+    """(trial confirmed, seed) -> the Tune trial id of its re-run."""
+    out = {}
+    for trial_dir in (sweep / "confirm").glob("trial_*"):
+        point = json.loads((trial_dir / "params.json").read_text())["cmx_confirm"]
+        out[(point["of"], point["seed"])] = trial_dir.name.removeprefix("trial_")
+    return out
+
+
+def _saved_as_terminated(experiment: Path) -> set[str]:
+    """Trial ids that Tune's saved experiment state (the newest file) records as finished."""
+    for state in sorted(experiment.glob("experiment_state-*.json"), reverse=True)[:1]:
+        try:
+            trials = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
+        except (OSError, ValueError, KeyError):  # being written
+            return set()
+        return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+    return set()
+
+
 def _reruns(sweep: Path) -> dict[tuple[str, int], list[dict[str, Any]]]:
     """(trial confirmed, seed) -> the re-run's result rows, from its own trial folder."""
     out = {}
@@ -359,22 +379,26 @@ def test_killed_confirm_stage_continues_without_redoing_finished_reruns(confirme
     earlier = {d.name for d in (sweep / "confirm").glob("trial_*")}  # the last test's stage, until --fresh
     proc = start_cmx(*args, "--fresh", home=home, env=env)
     try:
+        # Kill as soon as Tune's saved state holds a finished re-run of this stage: re-runs take
+        # under a second each with warm actors, so a fixed wait could outlast the whole stage.
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline:
-            new = [d for d in (sweep / "confirm").glob("trial_*") if d.name not in earlier]
-            if any(len(trial_rows(d)) >= 2 for d in new):
+            new = {d.name.removeprefix("trial_") for d in (sweep / "confirm").glob("trial_*") if d.name not in earlier}
+            if new & _saved_as_terminated(sweep / "confirm"):
                 break
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             pytest.fail("no re-run finished in time")
-        time.sleep(2)  # let Tune save its experiment state with that re-run finished
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
         kill_ray_started_with(ray_tmp)
-    finished = {k: rows for k, rows in _reruns(sweep).items() if len(rows) >= 2}
+    # What the resume starts from: re-runs Tune saved as finished are never trained again; one
+    # that finished after that save, like any still running, goes on from its last saved state.
+    saved = _saved_as_terminated(sweep / "confirm")
+    finished = {k: rows for k, rows in _reruns(sweep).items() if _rerun_ids(sweep)[k] in saved}
     assert finished and len(finished) < 8, finished.keys()
     out = run_cmx(*args, home=home, env=env, timeout=600)
     kill_ray_started_with(ray_tmp)
@@ -382,9 +406,9 @@ def test_killed_confirm_stage_continues_without_redoing_finished_reruns(confirme
     assert "continuing the confirm stage" in out.stderr
     after = _reruns(sweep)
     epochs = {key: [row["epoch"] for row in rows] for key, rows in after.items()}
-    assert len(after) == 8 and all(e == [1, 2] for e in epochs.values()), epochs  # one row per epoch
+    assert len(after) == 8 and all(sorted(set(e)) == [1, 2] and e[-1] == 2 for e in epochs.values()), epochs
     for key, rows in finished.items():
-        assert after[key] == rows, f"{key} was trained again"
+        assert after[key] == rows, f"{key} was trained again"  # its two rows, as at the kill
     summary = json.loads((sweep / "confirm-summary.json").read_text())
     assert summary["complete"] and all(c["completed"] == 4 for c in summary["configs"])
     # MLflow: the 8 re-runs of this stage, each ended once; the earlier stages' runs are deleted.
