@@ -179,18 +179,17 @@ def _stable(value: Any, depth: int = 0) -> Any:
 
 
 def closure_key(dispatcher: Any) -> str | None:
-    """A cache key for a numba `dispatcher`'s closure and options, the same in every process."""
+    """A cache key for a numba `dispatcher`'s closure and options, the same in every process;
+    None for code made by `exec`, helpers it cannot describe or closure values that do not pickle."""
     from numba.core.serialize import dumps
 
-    fn = dispatcher.py_func
-    cells = [_stable(c.cell_contents) for c in fn.__closure__ or ()]
-    if any(c is _UNKNOWN for c in cells):
+    described = _stable(dispatcher)
+    if described is _UNKNOWN:
         return None
     try:
-        data = dumps((tuple(cells), repr(sorted(dispatcher.targetoptions.items()))))
+        return hashlib.sha256(dumps(described)).hexdigest()
     except Exception:  # a closure value that does not pickle: leave it uncached
         return None
-    return hashlib.sha256(data).hexdigest()
 
 
 @functools.cache
@@ -259,7 +258,7 @@ def enable_jit_cache() -> Path | None:
     def compile_cached(cls: Any, code: Any, signature: Any = None) -> Any:  # cls: FFCV's Compiler
         # Ours only run compiled; with FFCV's compiler off (its debug mode) its own Python runs.
         compiled = compile_uncached(cls, by_name.get(code, code) if cls.is_enabled else code, signature)
-        if isinstance(compiled, Dispatcher) and signature is None and _file_backed(compiled.py_func):
+        if isinstance(compiled, Dispatcher) and signature is None:
             key = closure_key(compiled)
             if key is not None:  # compiled lazily, at the first call: from the cache if there
                 compiled._cache = closure_keyed_cache_class()(compiled.py_func, key)  # type: ignore[attr-defined]  # as enable_caching does

@@ -173,15 +173,6 @@ def _expected(sweep: Path, top_k: int) -> list[tuple[str, float, int]]:
     return [(tid, best, 0) for tid, best in trials[:top_k]]  # base.loop.seed 0, not searched
 
 
-def _rerun_ids(sweep: Path) -> dict[tuple[str, int], str]:
-    """(trial confirmed, seed) -> the Tune trial id of its re-run."""
-    out = {}
-    for trial_dir in (sweep / "confirm").glob("trial_*"):
-        point = json.loads((trial_dir / "params.json").read_text())["cmx_confirm"]
-        out[(point["of"], point["seed"])] = trial_dir.name.removeprefix("trial_")
-    return out
-
-
 def _saved_as_terminated(experiment: Path) -> set[str]:
     """Trial ids that Tune's saved experiment state (the newest file) records as finished."""
     for state in sorted(experiment.glob("experiment_state-*.json"), reverse=True)[:1]:
@@ -193,22 +184,23 @@ def _saved_as_terminated(experiment: Path) -> set[str]:
     return set()
 
 
-def _reruns(sweep: Path) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    """(trial confirmed, seed) -> the re-run's result rows, from its own trial folder."""
+def _rerun_dirs(sweep: Path) -> dict[tuple[str, int], Path]:
+    """(trial confirmed, seed) -> the re-run's trial folder (trial_<Tune trial id>)."""
     out = {}
     for trial_dir in (sweep / "confirm").glob("trial_*"):
         point = json.loads((trial_dir / "params.json").read_text())["cmx_confirm"]
-        out[(point["of"], point["seed"])] = trial_rows(trial_dir)
+        out[(point["of"], point["seed"])] = trial_dir
     return out
+
+
+def _reruns(sweep: Path) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """(trial confirmed, seed) -> the re-run's result rows, from its own trial folder."""
+    return {key: trial_rows(d) for key, d in _rerun_dirs(sweep).items()}
 
 
 def _test_scores(sweep: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """(trial confirmed, seed) -> the re-run's score on the test split, as the stage kept it."""
-    out = {}
-    for trial_dir in (sweep / "confirm").glob("trial_*"):
-        point = json.loads((trial_dir / "params.json").read_text())["cmx_confirm"]
-        out[(point["of"], point["seed"])] = json.loads((trial_dir / "cmx-test.json").read_text())
-    return out
+    return {key: json.loads((d / "cmx-test.json").read_text()) for key, d in _rerun_dirs(sweep).items()}
 
 
 def _files(sweep: Path) -> dict[Path, Any]:
@@ -398,7 +390,7 @@ def test_killed_confirm_stage_continues_without_redoing_finished_reruns(confirme
     # What the resume starts from: re-runs Tune saved as finished are never trained again; one
     # that finished after that save, like any still running, goes on from its last saved state.
     saved = _saved_as_terminated(sweep / "confirm")
-    finished = {k: rows for k, rows in _reruns(sweep).items() if _rerun_ids(sweep)[k] in saved}
+    finished = {k: trial_rows(d) for k, d in _rerun_dirs(sweep).items() if d.name.removeprefix("trial_") in saved}
     assert finished and len(finished) < 8, finished.keys()
     out = run_cmx(*args, home=home, env=env, timeout=600)
     kill_ray_started_with(ray_tmp)
